@@ -1,0 +1,86 @@
+"""Model facts without allocating weights: parameter counts per component and token counts."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lwam.config import LightWAMConfig
+
+
+def _component(name: str) -> str:
+    if name.startswith("dit."):
+        sub = name[4:]
+        if ".lora_" in sub or ".ffn_lora_" in sub:
+            return "lora"
+        if sub.startswith("wam_adapters."):
+            return "adapters"
+        if sub.startswith("head."):
+            return "video_head"
+        return "dit_base"
+    if name.startswith("expert."):
+        return "action_expert"
+    if name.startswith("proprio_encoder."):
+        return "proprio_encoder"
+    if name.startswith("vae."):
+        return "vae"
+    return "other"
+
+
+def model_info(cfg: LightWAMConfig) -> dict[str, Any]:
+    """Build the model on the meta device and count parameters per component, trainable and frozen."""
+    from lwam.model.lightwam import LightWAM
+
+    with torch.device("meta"):
+        model = LightWAM(cfg)
+    comps: dict[str, dict[str, int]] = {}
+    for name, p in model.named_parameters():
+        c = comps.setdefault(_component(name), {"trainable": 0, "frozen": 0})
+        c["trainable" if p.requires_grad else "frozen"] += p.numel()
+    trainable = sum(c["trainable"] for c in comps.values())
+    frozen = sum(c["frozen"] for c in comps.values())
+    dit_frozen = sum(p.numel() for n, p in model.dit.named_parameters() if not p.requires_grad)
+    return {
+        "preset": cfg.name,
+        "parameters": {
+            "components": {k: {**v, "total": v["trainable"] + v["frozen"]} for k, v in sorted(comps.items())},
+            "trainable": trainable,
+            "frozen": frozen,
+            "frozen_dit": dit_frozen,
+            "dit_total": sum(p.numel() for p in model.dit.parameters()),
+            "wan_dit": sum(p.numel() for n, p in model.dit.named_parameters()
+                           if _component("dit." + n) in ("dit_base", "video_head")),
+            "total": trainable + frozen,
+        },
+        "tokens": {
+            "action_pass": cfg.action_tokens(),
+            "video_pass": cfg.video_tokens(),
+            "context": cfg.context_tokens(),
+            "latent_frames": cfg.latent_frames(),
+        },
+        "what_trains": {
+            "backbone": "frozen (LoRA + adapters + video head train)" if cfg.freeze_backbone else "trained",
+            "vae": "trained" if cfg.train_vae else "frozen",
+        },
+        "image": [cfg.data.image_height, cfg.data.image_width],
+        "chunk": cfg.chunk_size,
+        "action_dim": cfg.action_dim,
+        "proprio_dim": cfg.proprio_dim,
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    p = info["parameters"]
+    lines = [f"preset {info['preset']}: image {info['image'][0]}x{info['image'][1]}, chunk {info['chunk']}, "
+             f"action_dim {info['action_dim']}, proprio_dim {info['proprio_dim']}",
+             f"{'component':<18}{'trainable':>15}{'frozen':>15}"]
+    for k, v in p["components"].items():
+        lines.append(f"{k:<18}{v['trainable']:>15,}{v['frozen']:>15,}")
+    lines.append(f"{'total':<18}{p['trainable']:>15,}{p['frozen']:>15,}")
+    lines.append(f"frozen DiT: {p['frozen_dit']:,}   Wan DiT (head included): {p['wan_dit']:,}   "
+                 f"DiT with LoRA + adapters: {p['dit_total']:,}")
+    t = info["tokens"]
+    lines.append(f"tokens: action pass {t['action_pass']}, video pass {t['video_pass']} "
+                 f"({t['latent_frames']} latent frames), context {t['context']}")
+    lines.append(f"backbone {info['what_trains']['backbone']}; VAE {info['what_trains']['vae']}")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""StateFusionActionExpert (SFAE): pools the adapted states of the tapped DiT layers with learned
+queries, fuses them and regresses a whole action chunk in one forward pass.
+
+Per tapped layer l: LearnedQueryPooler (LN -> 16 learned queries x 8-head attention -> softmax-weighted
+merge -> LN) [B, S, D] -> [B, D], then a compressor LN -> Linear(D, C) -> GELU(tanh) -> Linear(C, C).
+The L compressed vectors are concatenated [B, L*C] -> LN -> Linear(L*C, W) -> residual MLP block ->
++ step-position embedding per chunk step -> LN -> Linear(W, W) -> GELU -> Linear(W, A) => [B, H, A].
+Key names match the published checkpoint's ``state_fusion_action_expert`` entry.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lwam.config import ActionExpertConfig
+from lwam.modules.query_pool import LearnedQueryPooler, pool_layers
+
+
+class _PoolerSlot(nn.Module):
+    """Holds a layer's pooler under the name ``adapted`` (the published key layout)."""
+
+    def __init__(self, pooler: LearnedQueryPooler):
+        super().__init__()
+        self.adapted = pooler
+
+
+class Compressor(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))
+
+
+class ResidualMLP(nn.Module):
+    """x + fc2(GELU(fc1(LN(x))))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def step_sinusoid(num_steps: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Sinusoid position code of chunk steps 0..num_steps-1 -> [num_steps, dim] (sin | cos)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=device) / half)
+    ang = torch.arange(num_steps, dtype=torch.float32, device=device)[:, None] * freqs[None]
+    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+
+
+class StateFusionActionExpert(nn.Module):
+    """Adapted tapped states (L tensors [B, S, D]) -> normalised action chunk [B, H, A]."""
+
+    def __init__(self, cfg: ActionExpertConfig, dim: int, num_layers: int, chunk_size: int, action_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.chunk_size = chunk_size
+        self.action_dim = action_dim
+        self.layer_poolers = nn.ModuleList(
+            _PoolerSlot(LearnedQueryPooler(dim, cfg.num_queries, cfg.num_heads, fused=cfg.fused_pooling))
+            for _ in range(num_layers))
+        self.layer_compressors = nn.ModuleList(Compressor(dim, cfg.compress_dim) for _ in range(num_layers))
+        fused = num_layers * cfg.compress_dim
+        w = cfg.hidden_dim
+        self.fused_norm = nn.LayerNorm(fused)
+        self.fused_proj = nn.Linear(fused, w)
+        self.trunk = nn.ModuleList([ResidualMLP(w)])
+        self.step_pos_proj = nn.Sequential(nn.LayerNorm(cfg.step_embed_dim), nn.Linear(cfg.step_embed_dim, w),
+                                           nn.GELU(), nn.Linear(w, w))
+        self.output_norm = nn.LayerNorm(w)
+        self.output = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, action_dim))
+        self.register_buffer("step_code", step_sinusoid(chunk_size, cfg.step_embed_dim), persistent=False)
+
+    @property
+    def poolers(self) -> list[LearnedQueryPooler]:
+        return [slot.adapted for slot in self.layer_poolers]
+
+    def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L tensors [B, S, D] -> [B, L, D], all layers in one fused launch when enabled."""
+        return pool_layers(self.poolers, states, fused=self.cfg.fused_pooling)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B, L, D] -> actions [B, H, A]."""
+        z = torch.cat([c(pooled[:, i]) for i, c in enumerate(self.layer_compressors)], dim=-1)
+        z = self.fused_proj(self.fused_norm(z))
+        for block in self.trunk:
+            z = block(z)
+        steps = self.step_pos_proj(self.step_code.to(z.dtype))  # [H, W]
+        h = z[:, None, :] + steps[None]
+        return self.output(self.output_norm(h))
+
+    def forward(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(states) != len(self.layer_poolers):
+            raise ValueError(f"states: expected {len(self.layer_poolers)} tapped layers, got {len(states)}")
+        return self.head(self.pool(states))

@@ -1,0 +1,282 @@
+"""The Wan2.1 video DiT with LoRA, residual adapters and layer taps (plain PyTorch).
+
+State-dict keys follow the published files: the native Wan2.1 keys (``blocks.N.self_attn.q.weight``, ...)
+for the pretrained weights, plus ``blocks.N.self_attn.lora_q.{down,up}_proj.weight``,
+``blocks.N.ffn_lora_{in,out}.*`` and ``wam_adapters.{8,16,24}.*`` as in a Light-WAM release ('mot' entry,
+prefix ``mixtures.video.`` stripped).
+
+Shapes: B batch, F latent frames, S = F * Hp * Wp tokens, D = ``cfg.dim``, Lc context tokens.
+Timesteps are per latent frame ([B, F]): every token of a frame carries its frame's t, and the
+conditioning frame 0 always has t = 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lwam.config import AdapterConfig, DiTConfig, LoRAConfig
+from lwam.model.attention import first_frame_causal_attention, dense_attention
+from lwam.model.lora import LoRA, linear_with_lora
+from lwam.model.rope import apply_rope, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a learnable gain, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """t [...] -> [..., dim]: (cos, sin) of t * 10000^(-i/half), i < half (the Wan ordering)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ang = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).float()
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm over D, 3D RoPE and the first-frame-causal mask."""
+
+    def __init__(self, cfg: DiTConfig, lora: LoRAConfig | None):
+        super().__init__()
+        d = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps)
+        self.norm_k = RMSNorm(d, cfg.eps)
+        _add_lora(self, "self_attn", d, d, lora)
+        self.attn_impl = "split"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n0: int) -> torch.Tensor:
+        b, s, d = x.shape
+        h = self.num_heads
+        q = self.norm_q(linear_with_lora(self.q, getattr(self, "lora_q", None), x)).view(b, s, h, d // h)
+        k = self.norm_k(linear_with_lora(self.k, getattr(self, "lora_k", None), x)).view(b, s, h, d // h)
+        v = linear_with_lora(self.v, getattr(self, "lora_v", None), x).view(b, s, h, d // h)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = first_frame_causal_attention(q, k, v, n0, impl=self.attn_impl).reshape(b, s, d)
+        return linear_with_lora(self.o, getattr(self, "lora_o", None), y)
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention from tokens [B, S, D] to the embedded context [B, Lc, D]."""
+
+    def __init__(self, cfg: DiTConfig, lora: LoRAConfig | None):
+        super().__init__()
+        d = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm_q = RMSNorm(d, cfg.eps)
+        self.norm_k = RMSNorm(d, cfg.eps)
+        _add_lora(self, "cross_attn", d, d, lora)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        lc = context.shape[1]
+        h = self.num_heads
+        q = self.norm_q(linear_with_lora(self.q, getattr(self, "lora_q", None), x)).view(b, s, h, d // h)
+        k = self.norm_k(linear_with_lora(self.k, getattr(self, "lora_k", None), context)).view(b, lc, h, d // h)
+        v = linear_with_lora(self.v, getattr(self, "lora_v", None), context).view(b, lc, h, d // h)
+        y = dense_attention(q, k, v).reshape(b, s, d)
+        return linear_with_lora(self.o, getattr(self, "lora_o", None), y)
+
+
+def _add_lora(module: nn.Module, prefix: str, d_in: int, d_out: int, lora: LoRAConfig | None) -> None:
+    if lora is None or not lora.enabled:
+        return
+    for name in ("q", "k", "v", "o"):
+        if f"{prefix}.{name}" in lora.targets:
+            setattr(module, f"lora_{name}", LoRA(d_in, d_out, lora.rank, lora.scale))
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
+    """x [B, S, D] (S = F * n), shift/scale [B, F, D] fp32 -> x * (1 + scale) + shift per frame."""
+    b, s, d = x.shape
+    xf = x.float().view(b, frames, s // frames, d)
+    return (xf * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, s, d).to(x.dtype)
+
+
+def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, frames: int) -> torch.Tensor:
+    b, s, d = x.shape
+    out = x.float().view(b, frames, s // frames, d) + y.float().view(b, frames, s // frames, d) * gate[:, :, None]
+    return out.view(b, s, d).to(x.dtype)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-modulated self-attn -> cross-attn -> FFN, each with a residual."""
+
+    def __init__(self, cfg: DiTConfig, lora: LoRAConfig | None):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg, lora)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(cfg, lora)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        if lora is not None and lora.enabled:
+            if "ffn.0" in lora.targets:
+                self.ffn_lora_in = LoRA(d, cfg.ffn_dim, lora.rank, lora.scale)
+            if "ffn.2" in lora.targets:
+                self.ffn_lora_out = LoRA(cfg.ffn_dim, d, lora.rank, lora.scale)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, n0: int) -> torch.Tensor:
+        """x [B, S, D]; e [B, F, 6, D] fp32 time projection; context [B, Lc, D]."""
+        frames = e.shape[1]
+        mod = self.modulation.float()[:, None] + e  # [B, F, 6, D]
+        sh1, sc1, g1, sh2, sc2, g2 = mod.unbind(2)
+        y = self.self_attn(_modulate(self.norm1(x), sh1, sc1, frames), cos, sin, n0)
+        x = _gated_add(x, y, g1, frames)
+        x = x + self.cross_attn(self.norm3(x), context)
+        h = _modulate(self.norm2(x), sh2, sc2, frames)
+        h = linear_with_lora(self.ffn[0], getattr(self, "ffn_lora_in", None), h)
+        h = self.ffn[1](h)
+        y = linear_with_lora(self.ffn[2], getattr(self, "ffn_lora_out", None), h)
+        return _gated_add(x, y, g2, frames)
+
+
+class ResidualAdapter(nn.Module):
+    """h' = h + Up(GELU(Down(LN(h)))), Up zero-initialised so that a new adapter is the identity."""
+
+    def __init__(self, dim: int, cfg: AdapterConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=cfg.eps)
+        self.down_proj = nn.Linear(dim, cfg.hidden)
+        self.up_proj = nn.Linear(cfg.hidden, dim)
+        nn.init.zeros_(self.up_proj.weight)
+        nn.init.zeros_(self.up_proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up_proj(F.gelu(self.down_proj(self.norm(h))))
+
+
+class Head(nn.Module):
+    """Output head: LN (no affine) + modulation (1, 2, D) + Linear(D, C_out * pt * ph * pw)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(d, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, d) / d ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [B, S, D], e [B, F, D] fp32 time embedding -> [B, S, C_out * prod(patch)]."""
+        mod = self.modulation.float()[:, None] + e[:, :, None]  # [B, F, 2, D]
+        shift, scale = mod.unbind(2)
+        return self.head(_modulate(self.norm(x), shift, scale, e.shape[1]))
+
+
+@dataclass
+class DiTOutput:
+    video: torch.Tensor | None       # [B, C_out, F, H, W] (flow prediction), None when not asked for
+    taps: list[torch.Tensor]         # adapted states [B, S, D] of the tapped layers, in tap order
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 text-to-video DiT + LoRA + residual adapters + layer taps."""
+
+    def __init__(self, cfg: DiTConfig, lora: LoRAConfig | None = None, adapter: AdapterConfig | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg, lora) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.adapter_layers: tuple[int, ...] = tuple(adapter.layers) if adapter is not None else ()
+        self.wam_adapters = nn.ModuleDict({str(l): ResidualAdapter(d, adapter) for l in self.adapter_layers})
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and "lora" not in name and "wam_adapters" not in name:
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in list(self.text_embedding) + list(self.time_embedding):
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    # --- pieces ------------------------------------------------------------------------------
+    def embed_context(self, context: torch.Tensor) -> torch.Tensor:
+        """context [B, Lc, text_dim] -> [B, Lc, D]."""
+        return self.text_embedding(context)
+
+    def time_embed(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timesteps [B, F] -> (e [B, F, D], e6 [B, F, 6, D]), fp32."""
+        e = self.time_embedding(sinusoidal_embedding(timesteps, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
+        e6 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        return e, e6.unflatten(-1, (6, self.cfg.dim))
+
+    def patchify(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """latents [B, C, F, H, W] -> (tokens [B, S, D], grid (F, Hp, Wp))."""
+        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
+        grid = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid  # type: ignore[return-value]
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """x [B, S, pt*ph*pw*C] -> [B, C, F*pt, Hp*ph, Wp*pw]."""
+        b = x.shape[0]
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = grid
+        c = self.cfg.out_channels
+        x = x.view(b, f, h, w, pt, ph, pw, c)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, c, f * pt, h * ph, w * pw)
+
+    def check_latents(self, latents: torch.Tensor, timesteps: torch.Tensor) -> None:
+        c = self.cfg
+        if latents.dim() != 5 or latents.shape[1] != c.in_channels:
+            raise ValueError(f"latents: expected [B, {c.in_channels}, F, H, W], got {tuple(latents.shape)}")
+        pt, ph, pw = c.patch_size
+        if latents.shape[2] % pt or latents.shape[3] % ph or latents.shape[4] % pw:
+            raise ValueError(f"latents: F, H, W must be divisible by patch {c.patch_size}, got {tuple(latents.shape)}")
+        if timesteps.shape != (latents.shape[0], latents.shape[2] // pt):
+            raise ValueError(f"timesteps: expected [B, F] = {(latents.shape[0], latents.shape[2] // pt)}, "
+                             f"got {tuple(timesteps.shape)}")
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *,
+                taps: tuple[int, ...] = (), stop_after: int | None = None, return_video: bool = True,
+                context_embedded: bool = False) -> DiTOutput:
+        """latents [B, C, F, H, W]; timesteps [B, F] (per latent frame); context [B, Lc, text_dim]
+        (or [B, Lc, D] with ``context_embedded``). ``taps``: block indices whose (adapted) output states
+        are returned; ``stop_after``: last block to run (the video head then cannot run)."""
+        self.check_latents(latents, timesteps)
+        x, grid = self.patchify(latents)
+        n0 = grid[1] * grid[2]  # tokens of latent frame 0
+        cos, sin = rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)
+        e, e6 = self.time_embed(timesteps)
+        ctx = context if context_embedded else self.embed_context(context.to(self.text_embedding[0].weight.dtype))
+        last = len(self.blocks) - 1 if stop_after is None else stop_after
+        if return_video and last != len(self.blocks) - 1:
+            raise ValueError("return_video=True needs all blocks; pass stop_after=None")
+        tapped: dict[int, torch.Tensor] = {}
+        for i in range(last + 1):
+            x = self.blocks[i](x, e6, ctx, cos, sin, n0)
+            if str(i) in self.wam_adapters:
+                x = self.wam_adapters[str(i)](x)
+            if i in taps:
+                tapped[i] = x
+        missing = [t for t in taps if t not in tapped]
+        if missing:
+            raise ValueError(f"taps {missing} lie after stop_after={last}")
+        video = self.unpatchify(self.head(x, e), grid) if return_video else None
+        return DiTOutput(video=video, taps=[tapped[t] for t in taps])

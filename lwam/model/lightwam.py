@@ -1,0 +1,180 @@
+"""LightWAM: the whole model (DiT + LoRA + adapters + SFAE + proprio token + VAE + flow schedule).
+
+Two passes per training sample (SPEC.md, "Training objective"):
+- video: latents 2x2-downsampled in space, frames 1.. noised by flow matching (frame 0 clean, t = 0),
+  the DiT predicts v = eps - x0, MSE on frames 1.. weighted by w(t);
+- action: the clean current frame at full latent resolution, t = 0, one pass up to the last tapped
+  layer; the SFAE regresses the action chunk; MSE on the first ``action_loss_steps`` steps, padding masked.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lwam.config import LightWAMConfig
+from lwam.model.action_expert import StateFusionActionExpert
+from lwam.model.dit import WanDiT
+from lwam.model.flow import FlowMatching
+from lwam.model.text import TextContextCache, make_text_encoder
+from lwam.model.vae import WanVAE
+from lwam.ops.latent_downsample import latent_downsample
+
+def _is_trainable_dit_param(name: str) -> bool:
+    """LoRA, adapters and the future-video head train when the pretrained DiT is frozen."""
+    return name.startswith(("wam_adapters.", "head.")) or ".lora_" in name or ".ffn_lora_" in name
+
+
+class LightWAM(nn.Module):
+    def __init__(self, cfg: LightWAMConfig, build_vae: bool = True):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.dit = WanDiT(cfg.dit, cfg.lora, cfg.adapter)
+        self.expert = StateFusionActionExpert(cfg.expert, cfg.dit.dim, len(cfg.tap_layers), cfg.chunk_size,
+                                              cfg.action_dim)
+        self.proprio_encoder = nn.Linear(cfg.proprio_dim, cfg.dit.text_dim)
+        self.vae = WanVAE(cfg.vae) if build_vae else None
+        self.flow = FlowMatching(cfg.flow)
+        self.text = TextContextCache(cfg.text, make_text_encoder(cfg.text))
+        self.apply_freezing()
+
+    # --- what trains ---------------------------------------------------------------------------
+    def apply_freezing(self) -> None:
+        for name, p in self.dit.named_parameters():
+            p.requires_grad_(not self.cfg.freeze_backbone or _is_trainable_dit_param(name))
+        if self.vae is not None:
+            self.vae.requires_grad_(self.cfg.train_vae)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    # --- inputs --------------------------------------------------------------------------------
+    def text_context(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """-> [B, Lt, text_dim] from ``batch['text_context']`` or ``batch['instruction']`` (list[str])."""
+        if "text_context" in batch:
+            ctx = batch["text_context"]
+            t = self.cfg.text
+            if ctx.dim() != 3 or ctx.shape[1:] != (t.max_tokens, t.dim):
+                raise ValueError(f"text_context: expected [B, {t.max_tokens}, {t.dim}], got {tuple(ctx.shape)}")
+            return ctx.to(device)
+        if "instruction" in batch:
+            instr = batch["instruction"]
+            if isinstance(instr, str):
+                instr = [instr]
+            return self.text.get(list(instr)).to(device)
+        raise ValueError("batch needs 'text_context' [B, Lt, text_dim] or 'instruction' (list of str)")
+
+    def context(self, text_context: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        """text [B, Lt, text_dim] + proprio [B, P] -> embedded context [B, Lt+1, D]."""
+        p = self.cfg.proprio_dim
+        if proprio.dim() != 2 or proprio.shape[1] != p or proprio.shape[0] != text_context.shape[0]:
+            raise ValueError(f"proprio: expected [B={text_context.shape[0]}, {p}], got {tuple(proprio.shape)}")
+        w = self.proprio_encoder.weight
+        tok = self.proprio_encoder(proprio.to(w.dtype))[:, None]
+        return self.dit.embed_context(torch.cat([text_context.to(w.dtype), tok], dim=1))
+
+    def check_images(self, images: torch.Tensor, name: str = "images") -> None:
+        f = self.cfg.vae.spatial_factor * self.cfg.dit.patch_size[1]
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{name}: expected [B, 3, H, W] in [-1, 1], got {tuple(images.shape)}")
+        if images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(f"{name}: H and W must be divisible by {f}, got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"{name}: expected a float tensor in [-1, 1], got {images.dtype}")
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, 3, T, H, W] in [-1, 1] -> normalised latents [B, C, 1+(T-1)/4, H/8, W/8]."""
+        if self.vae is None:
+            raise RuntimeError("this LightWAM was built without a VAE; pass cached 'latents'")
+        w = next(self.vae.parameters())
+        return self.vae.encode(video.to(w.dtype)).float()
+
+    # --- the two passes ------------------------------------------------------------------------
+    def action_pass(self, frame_latent: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """frame_latent [B, C, 1, h, w], ctx [B, Lc, D] -> normalised actions [B, H, A]."""
+        b = frame_latent.shape[0]
+        t0 = torch.zeros(b, 1, device=frame_latent.device)
+        taps = self.cfg.tap_layers
+        out = self.dit(frame_latent, t0, ctx, taps=taps, stop_after=max(taps), return_video=False,
+                       context_embedded=True)
+        return self.expert(out.taps)
+
+    def video_pass(self, latents: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """latents [B, C, F, h, w] (full resolution) -> (weighted flow loss, metrics)."""
+        b = latents.shape[0]
+        x0 = latent_downsample(latents, self.cfg.train.video_downsample)
+        eps = torch.randn_like(x0)
+        sigma, t = self.flow.sample(b, device=x0.device)
+        xt = self.flow.add_noise(x0, eps, sigma)
+        xt[:, :, 0] = x0[:, :, 0]  # the conditioning frame stays clean
+        frames = x0.shape[2]
+        timesteps = torch.cat([torch.zeros(b, 1, device=x0.device), t[:, None].expand(b, frames - 1)], dim=1)
+        pred = self.dit(xt, timesteps, ctx, context_embedded=True).video
+        target = self.flow.target(x0, eps)
+        per_sample = (pred[:, :, 1:].float() - target[:, :, 1:].float()).pow(2).flatten(1).mean(1)
+        w = self.flow.weight(t)
+        return (per_sample * w).mean(), {"video_mse": per_sample.mean().detach(), "t_mean": t.mean().detach()}
+
+    def action_loss(self, pred: torch.Tensor, actions: torch.Tensor, is_pad: torch.Tensor | None) -> torch.Tensor:
+        """MSE on normalised actions, weight 1 on the first ``action_loss_steps`` steps, padding masked."""
+        h = pred.shape[1]
+        w = torch.zeros(h, device=pred.device)
+        w[: self.cfg.train.action_loss_steps] = 1.0
+        w = w[None].expand(pred.shape[0], h)
+        if is_pad is not None:
+            w = w * (~is_pad.bool()).float()
+        se = (pred.float() - actions.float()).pow(2).mean(-1)
+        return (se * w).sum() / w.sum().clamp_min(1.0)
+
+    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """batch: 'latents' [B, C, F, h, w] or 'video' [B, 3, T, H, W]; 'text_context' or 'instruction';
+        'proprio' [B, P]; 'actions' [B, H, A]; optional 'actions_is_pad' [B, H].
+        Returns (loss, metrics) with loss = w_v * video + w_a * action."""
+        device = self.proprio_encoder.weight.device
+        if "latents" in batch:
+            latents = batch["latents"].to(device).float()
+        elif "video" in batch:
+            video = batch["video"].to(device)
+            if video.dim() != 5 or video.shape[1] != 3:
+                raise ValueError(f"video: expected [B, 3, T, H, W], got {tuple(video.shape)}")
+            latents = self.encode_video(video)
+        else:
+            raise ValueError("batch needs 'latents' or 'video'")
+        actions = batch["actions"].to(device)
+        b = latents.shape[0]
+        if actions.shape != (b, self.cfg.chunk_size, self.cfg.action_dim):
+            raise ValueError(f"actions: expected [{b}, {self.cfg.chunk_size}, {self.cfg.action_dim}], "
+                             f"got {tuple(actions.shape)}")
+        if latents.shape[2] < 2:
+            raise ValueError(f"latents: need >= 2 latent frames (1 conditioning + future), got {tuple(latents.shape)}")
+        ctx = self.context(self.text_context(batch, device), batch["proprio"].to(device))
+        tr = self.cfg.train
+        video_loss, vm = self.video_pass(latents, ctx)
+        pred = self.action_pass(latents[:, :, :1], ctx)
+        is_pad = batch.get("actions_is_pad")
+        act_loss = self.action_loss(pred, actions, None if is_pad is None else is_pad.to(device))
+        loss = tr.video_loss_weight * video_loss + tr.action_loss_weight * act_loss
+        metrics = {"loss": float(loss.detach()), "video_loss": float(video_loss.detach()),
+                   "action_loss": float(act_loss.detach()), **{k: float(v) for k, v in vm.items()}}
+        return loss, metrics
+
+    def predict_actions(self, images: torch.Tensor, proprio: torch.Tensor, text_context: torch.Tensor | None = None,
+                        instruction: Sequence[str] | str | None = None) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] (camera layout composed); proprio [B, P] normalised;
+        text_context [B, Lt, text_dim] or instruction(s) -> normalised actions [B, H, A]."""
+        self.check_images(images)
+        device = self.proprio_encoder.weight.device
+        batch: dict[str, Any] = {}
+        if text_context is not None:
+            batch["text_context"] = text_context
+        elif instruction is not None:
+            batch["instruction"] = [instruction] * images.shape[0] if isinstance(instruction, str) else list(instruction)
+        if proprio.dim() != 2 or proprio.shape[0] != images.shape[0]:
+            raise ValueError(f"proprio: expected [B={images.shape[0]}, {self.cfg.proprio_dim}], got {tuple(proprio.shape)}")
+        ctx = self.context(self.text_context(batch, device), proprio.to(device))
+        z = self.encode_video(images.to(device)[:, :, None])
+        return self.action_pass(z, ctx)
