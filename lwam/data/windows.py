@@ -189,8 +189,11 @@ class WindowDataset(Dataset):
         }
         if video:
             frames = self.episode_frames(ep)[np.minimum(f_idx, n - 1)]  # uint8 [F, H, W, 3]
-            v = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)
-            out["video"] = v.float().div_(127.5).sub_(1.0)
+            # numpy, not torch: small elementwise torch ops contend for threads with the training step.
+            v = np.ascontiguousarray(frames.transpose(3, 0, 1, 2), dtype=np.float32)
+            v *= 1.0 / 127.5
+            v -= 1.0
+            out["video"] = torch.from_numpy(v)
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
