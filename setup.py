@@ -1,13 +1,211 @@
 """Build script for lwam.
 
 Packages: ``lwam`` and its subpackages, plus ``kernels/`` installed as ``lwam.kernels``.
-The compiled extension ``lwam._C`` is added by ``_extensions()`` (see the latent-downsampling issue).
+
+The compiled extension ``lwam._C`` (csrc/: the latent-downsampling ops) is built as
+
+- a CUDAExtension (CPU + CUDA kernels) when the installed torch was built with CUDA
+  (``torch.version.cuda``) and nvcc is found; device code for ``TORCH_CUDA_ARCH_LIST`` when set,
+  else sm_80 and sm_90 (+ PTX of compute_90 for newer GPUs);
+- a CppExtension (CPU kernel only; CUDA tensors then use the reference) otherwise;
+- nothing (pure Python: every op falls back to its reference) when ``LWAM_NO_EXTENSION=1``, when
+  torch cannot be imported at build time, when no C++ compiler is found, or when compilation fails
+  (unless ``LWAM_REQUIRE_EXTENSION=1``, which turns a failed build into an error).
+
+The build prints which of these it did and writes ``lwam/_C_build_info.json`` beside the binary
+(build kind, reason, torch / CUDA / Python versions) so that a load failure can say
+"built for X, running Y". ``MAX_JOBS`` bounds the parallel compile jobs (ninja; without ninja the
+sources compile one at a time).
+
+Developer install: ``pip install --no-build-isolation -e .`` (builds against the torch you run).
 """
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+CPP_SOURCES = ["csrc/module.cpp", "csrc/latent_downsample.cpp"]
+CUDA_SOURCES = ["csrc/latent_downsample_cuda.cu"]
+BUILD_INFO = "_C_build_info.json"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-diag-suppress=3306"]
+
+
+def _say(message: str) -> None:
+    print(f"[lwam setup] {message}", flush=True)
+
+
+def cuda_arch_flags(arch_list: str | None = None) -> list[str]:
+    """``-gencode`` flags for ``arch_list`` (TORCH_CUDA_ARCH_LIST syntax: "8.0;9.0+PTX", "9.0a", spaces or
+    semicolons), defaulting to the environment's TORCH_CUDA_ARCH_LIST, else sm_80 and sm_90 (+PTX)."""
+    if arch_list is None:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+    flags: list[str] = []
+    for item in re.split(r"[;\s]+", arch_list.strip()):
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        arch = item[:-4] if ptx else item
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)", arch)
+        if m is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot parse {item!r} (expected e.g. 8.0, 9.0a, 9.0+PTX)")
+        num = m.group(1) + m.group(2) + m.group(3)
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def nvcc_compile_flags() -> list[str]:
+    """nvcc flags of lwam._C beyond what torch's BuildExtension adds (tests/test_cuda_compile.py reuses them)."""
+    return NVCC_FLAGS + ["-DLWAM_WITH_CUDA"] + cuda_arch_flags()
+
+
+def _find_nvcc() -> str | None:
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return os.path.join(cuda_home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _nvcc_version(nvcc: str) -> str | None:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def _have_cxx() -> bool:
+    cxx = os.environ.get("CXX", "c++").split()[0]
+    return shutil.which(cxx) is not None or shutil.which("g++") is not None or shutil.which("clang++") is not None
+
+
+def _plan():
+    """Decide what to build: (kind, reason, ext_modules, cmdclass extras, info)."""
+    if os.environ.get("LWAM_NO_EXTENSION", "") == "1":
+        return "python", "LWAM_NO_EXTENSION=1 is set", [], None, {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001  (any import failure means: no torch to build against)
+        return "python", f"torch is not importable at build time ({type(exc).__name__}: {exc})", [], None, {}
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if not _have_cxx():
+        return "python", "no C++ compiler found (set CXX or install g++)", [], None, info
+    nvcc = _find_nvcc()
+    if torch.version.cuda is not None and nvcc is not None:
+        info["nvcc"] = _nvcc_version(nvcc)
+        info["cuda_arch_flags"] = cuda_arch_flags()
+        ext = cpp_extension.CUDAExtension(
+            name="lwam._C",
+            sources=CPP_SOURCES + CUDA_SOURCES,
+            include_dirs=[CSRC],
+            define_macros=[("LWAM_WITH_CUDA", None)],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": nvcc_compile_flags()},
+        )
+        reason = f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc {info['nvcc']} is at {nvcc}"
+        return "cuda", reason, [ext], cpp_extension.BuildExtension, info
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} was built without CUDA"
+    else:
+        why = f"torch has CUDA {torch.version.cuda} but nvcc was not found (set CUDA_HOME)"
+    ext = cpp_extension.CppExtension(
+        name="lwam._C",
+        sources=CPP_SOURCES,
+        include_dirs=[CSRC],
+        extra_compile_args={"cxx": CXX_FLAGS},
+    )
+    return "cpu", why + ": CPU kernel only", [ext], cpp_extension.BuildExtension, info
+
+
+def _write_build_info(dirs: list[str], info: dict) -> None:
+    record = dict(info)
+    record.update({
+        "python": platform.python_version(),
+        "python_tag": sys.implementation.cache_tag,
+        "platform": platform.platform(),
+    })
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, BUILD_INFO + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, os.path.join(d, BUILD_INFO))
+
+
+def _target_dirs(cmd) -> list[str]:
+    """Where lwam/ lands for this command: build_lib (wheel content) and, for in-place / editable
+    builds, the source package too."""
+    dirs = [os.path.join(cmd.build_lib, "lwam")]
+    if getattr(cmd, "inplace", False) or getattr(cmd, "editable_mode", False):
+        dirs.append(os.path.join(HERE, "lwam"))
+    return dirs
+
+
+KIND, REASON, EXT_MODULES, BUILD_EXT_BASE, INFO = _plan()
+INFO.update({"kind": KIND, "reason": REASON})
+
+
+class build_py(_build_py):
+    """Writes the build record when no extension is built (build_ext does it otherwise)."""
+
+    def run(self):
+        super().run()
+        if not self.distribution.ext_modules:
+            _say(f"building pure Python (reference fallbacks only): {REASON}")
+            _write_build_info(_target_dirs(self), INFO)
+
+
+cmdclass = {"build_py": build_py}
+
+if BUILD_EXT_BASE is not None:
+    class build_ext(BUILD_EXT_BASE):
+        """torch's BuildExtension that reports what it builds, records it, and falls back to pure
+        Python when compilation fails (unless LWAM_REQUIRE_EXTENSION=1)."""
+
+        def build_extensions(self):
+            jobs = os.environ.get("MAX_JOBS")
+            _say(f"building lwam._C as a {'CUDAExtension' if KIND == 'cuda' else 'CppExtension'}: {REASON}"
+                 + (f"; {' '.join(INFO['cuda_arch_flags'])}" if KIND == "cuda" else "")
+                 + (f"; MAX_JOBS={jobs}" if jobs else ""))
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001  (compiler, linker, nvcc: all mean "no binary")
+                if os.environ.get("LWAM_REQUIRE_EXTENSION", "") == "1":
+                    raise
+                why = f"compiling lwam._C failed ({type(exc).__name__}: {exc})"
+                _say(f"{why}; installing pure Python (reference fallbacks only)")
+                self.extensions = []  # nothing to copy in place or to list as output
+                info = dict(INFO, kind="python", reason=why)
+                _write_build_info(_target_dirs(self), info)
+                return
+            _write_build_info(_target_dirs(self), INFO)
+            _say(f"built lwam._C ({KIND}); build record in lwam/{BUILD_INFO}")
+
+    cmdclass["build_ext"] = build_ext
+
 
 packages = find_packages(include=["lwam", "lwam.*"]) + ["lwam.kernels"]
 
-setup(
-    packages=packages,
-    package_dir={"lwam.kernels": "kernels"},
-)
+if __name__ == "__main__":
+    setup(
+        packages=packages,
+        package_dir={"lwam.kernels": "kernels"},
+        ext_modules=EXT_MODULES,
+        cmdclass=cmdclass,
+    )
