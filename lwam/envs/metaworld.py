@@ -71,6 +71,25 @@ def task_names() -> list[str]:
     return sorted(ed.ALL_V3_ENVIRONMENTS)
 
 
+def _ensure_headless_gl(mujoco: Any) -> None:
+    """If mujoco was imported before this module (so MUJOCO_GL was unset) it picked GLFW, which aborts
+    the process without a display; switch its renderer to EGL in that case."""
+    from mujoco import gl_context
+
+    ctx = getattr(gl_context, "GLContext", None)
+    if ctx is None or ctx.__module__ != "mujoco.glfw" or os.environ.get("DISPLAY"):
+        return
+    try:
+        from mujoco.egl import GLContext as EGLContext
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError("mujoco was imported with the GLFW backend and no display; set MUJOCO_GL=egl "
+                           f"before importing mujoco ({e})") from e
+    gl_context.GLContext = EGLContext
+    from lwam._logging import log_once
+
+    log_once("metaworld.egl", "mujoco was imported before lwam.envs.metaworld; switched its renderer to EGL")
+
+
 _LIVE: "weakref.WeakSet[MetaWorldTask]" = weakref.WeakSet()
 
 
@@ -136,6 +155,7 @@ class MetaWorldTask:
                 raise ValueError(f"cameras: unknown camera {cam!r}; Meta-World has {names} "
                                  f"(aliases {CAMERA_ALIASES})")
             self._cam_ids.append((names.index(real), real in _FLIPPED))
+        _ensure_headless_gl(mujoco)
         model.vis.quality.offsamples = 0
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.size)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.size)
