@@ -102,7 +102,8 @@ def _plan():
         import torch
         from torch.utils import cpp_extension
     except Exception as exc:  # noqa: BLE001  (any import failure means: no torch to build against)
-        return "python", f"torch is not importable at build time ({type(exc).__name__}: {exc})", [], None, {}
+        return "python", (f"torch is not importable at build time ({type(exc).__name__}: {exc}); under pip's "
+                          f"build isolation use `pip install --no-build-isolation .` to build lwam._C"), [], None, {}
     info = {"torch": torch.__version__, "cuda": torch.version.cuda}
     if not _have_cxx():
         return "python", "no C++ compiler found (set CXX or install g++)", [], None, info
