@@ -103,12 +103,23 @@ class LightWAM(nn.Module):
                        context_embedded=True)
         return self.expert(out.taps)
 
-    def video_pass(self, latents: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """latents [B, C, F, h, w] (full resolution) -> (weighted flow loss, metrics)."""
+    def video_pass(self, latents: torch.Tensor, ctx: torch.Tensor,
+                   noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """latents [B, C, F, h, w] (full resolution) -> (weighted flow loss, metrics). ``noise``: optional
+        (eps [B, C, F, h/f, w/f], u [B]) so that a trainer can draw noise per sample, independent of sharding."""
         b = latents.shape[0]
         x0 = latent_downsample(latents, self.cfg.train.video_downsample)
-        eps = torch.randn_like(x0)
-        sigma, t = self.flow.sample(b, device=x0.device)
+        if noise is None:
+            eps = torch.randn_like(x0)
+            sigma, t = self.flow.sample(b, device=x0.device)
+        else:
+            eps, u = noise
+            if eps.shape != x0.shape or u.shape != (b,):
+                raise ValueError(f"flow noise: expected eps {tuple(x0.shape)} and u ({b},), "
+                                 f"got {tuple(eps.shape)} and {tuple(u.shape)}")
+            eps = eps.to(x0.device, x0.dtype)
+            sigma = self.flow.shift_sigma(u.to(x0.device).float())
+            t = sigma * self.flow.T
         xt = self.flow.add_noise(x0, eps, sigma)
         xt[:, :, 0] = x0[:, :, 0]  # the conditioning frame stays clean
         frames = x0.shape[2]
@@ -128,11 +139,13 @@ class LightWAM(nn.Module):
         if is_pad is not None:
             w = w * (~is_pad.bool()).float()
         se = (pred.float() - actions.float()).pow(2).mean(-1)
-        return (se * w).sum() / w.sum().clamp_min(1.0)
+        # Per-sample masked mean, then the batch mean: data-parallel shards average to the same value.
+        return ((se * w).sum(1) / w.sum(1).clamp_min(1.0)).mean()
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """batch: 'latents' [B, C, F, h, w] or 'video' [B, 3, T, H, W]; 'text_context' or 'instruction';
-        'proprio' [B, P]; 'actions' [B, H, A]; optional 'actions_is_pad' [B, H].
+        'proprio' [B, P]; 'actions' [B, H, A]; optional 'actions_is_pad' [B, H]; optional 'flow_eps' and
+        'flow_u' (the video branch's noise, see ``video_pass``).
         Returns (loss, metrics) with loss = w_v * video + w_a * action."""
         device = self.proprio_encoder.weight.device
         if "latents" in batch:
@@ -153,7 +166,8 @@ class LightWAM(nn.Module):
             raise ValueError(f"latents: need >= 2 latent frames (1 conditioning + future), got {tuple(latents.shape)}")
         ctx = self.context(self.text_context(batch, device), batch["proprio"].to(device))
         tr = self.cfg.train
-        video_loss, vm = self.video_pass(latents, ctx)
+        noise = (batch["flow_eps"], batch["flow_u"]) if "flow_eps" in batch else None
+        video_loss, vm = self.video_pass(latents, ctx, noise)
         pred = self.action_pass(latents[:, :, :1], ctx)
         is_pad = batch.get("actions_is_pad")
         act_loss = self.action_loss(pred, actions, None if is_pad is None else is_pad.to(device))
@@ -161,6 +175,10 @@ class LightWAM(nn.Module):
         metrics = {"loss": float(loss.detach()), "video_loss": float(video_loss.detach()),
                    "action_loss": float(act_loss.detach()), **{k: float(v) for k, v in vm.items()}}
         return loss, metrics
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Same as :meth:`training_loss` (so that DDP/FSDP wrappers see a forward call)."""
+        return self.training_loss(batch)
 
     def predict_actions(self, images: torch.Tensor, proprio: torch.Tensor, text_context: torch.Tensor | None = None,
                         instruction: Sequence[str] | str | None = None) -> torch.Tensor:

@@ -1,0 +1,288 @@
+"""Trainer: AdamW + warm-up/cosine schedule, grad clipping, accumulation, bf16 autocast on CUDA,
+atomic checkpoints with full resume, JSON-lines metrics, a loss plot, and data parallelism through
+torch.distributed (DDP, or FSDP2 with ``fsdp=True``) when launched by torchrun.
+
+Determinism: the batch of global step k is a fixed function of (seed, k) (a per-epoch permutation), and
+the video branch's noise of sample i in step k is drawn from a generator seeded by (seed, k). So a resumed
+run, or the same global batch split over several ranks, sees exactly the same data and noise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from lwam._logging import logger
+from lwam.checkpoint import load_trainer_state, save_checkpoint
+from lwam.config import TrainConfig
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine down to ``min_lr_ratio`` at ``max_steps``."""
+    warm, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def global_batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Indices of the global batch of ``step``: consecutive slices of per-epoch permutations."""
+    out: list[int] = []
+    start = step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.extend(perm[offset: offset + batch - len(out)].tolist())
+    return out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float, bool)):
+            out[k] = torch.tensor(vals)
+        else:
+            out[k] = vals
+    return out
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Trains a :class:`~lwam.model.lightwam.LightWAM` on a map-style dataset of window dicts.
+
+    ``dataset[i]`` -> {'latents' or 'video', 'instruction' or 'text_context', 'proprio', 'actions',
+    'actions_is_pad'}. ``out_dir`` receives checkpoints/step_NNNNNNN/, metrics.jsonl and loss.png.
+    """
+
+    def __init__(self, model, dataset: Dataset, out_dir: str | os.PathLike, cfg: TrainConfig | None = None, *,
+                 stats: dict | None = None, device: str | torch.device | None = None, resume: bool = True,
+                 progress: bool = True, fsdp: bool = False,
+                 on_step: Callable[[int, dict[str, float]], None] | None = None):
+        self.cfg = cfg or model.cfg.train
+        self.rank, self.world = _dist_info()
+        if self.cfg.batch_size % (self.world * self.cfg.grad_accum):
+            raise ValueError(f"train.batch_size={self.cfg.batch_size} must be divisible by world size {self.world} "
+                             f"x grad_accum {self.cfg.grad_accum}")
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.dataset = dataset
+        self.out_dir = Path(out_dir)
+        self.stats = stats
+        self.progress = progress and self.rank == 0
+        self.on_step = on_step
+        self.step = 0
+        params = [p for _, p in model.trainable_parameters()]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
+                                           weight_decay=self.cfg.weight_decay, foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
+        self.autocast = self.device.type == "cuda" and self.cfg.mixed_precision == "bf16"
+        self.wrapped = self._wrap(fsdp)
+        if resume:
+            self.resume()
+
+    # --- distribution -------------------------------------------------------------------------
+    def _wrap(self, fsdp: bool):
+        if self.world == 1:
+            return self.model
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+            for block in self.model.dit.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   find_unused_parameters=False)
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        # Through the (possibly DDP-wrapped) module's forward, so that gradient hooks fire.
+        return self.wrapped(batch)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def checkpoint_dirs(self) -> list[Path]:
+        d = self.out_dir / CHECKPOINT_DIR
+        return sorted(p for p in d.glob("step_*") if p.is_dir()) if d.is_dir() else []
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        path = save_checkpoint(self.model, self.out_dir / CHECKPOINT_DIR / f"step_{self.step:07d}",
+                               stats=self.stats, trainer_state=state)
+        (self.out_dir / "latest").write_text(path.name)
+        return path
+
+    def resume(self) -> bool:
+        ckpts = self.checkpoint_dirs()
+        if not ckpts:
+            return False
+        from safetensors.torch import load_file
+        from lwam.model.weights import load_into
+        path = ckpts[-1]
+        load_into(self.model, load_file(str(path / "model.safetensors")), f"checkpoint {path}")
+        state = load_trainer_state(path)
+        if state is None:
+            raise FileNotFoundError(f"{path}: no trainer.pt, cannot resume optimiser state")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step = int(state["step"])
+        logger.info(f"resumed from {path} at step {self.step}")
+        return True
+
+    # --- one step -----------------------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        idx = global_batch_indices(len(self.dataset), cfg.batch_size, step, cfg.seed)
+        per_rank = cfg.batch_size // self.world
+        mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+        batch = collate([self.dataset[i] for i in mine])
+        self._attach_noise(batch, step, self.rank * per_rank)
+        mb = per_rank // cfg.grad_accum
+        return [{k: v[j * mb:(j + 1) * mb] for k, v in batch.items()} for j in range(cfg.grad_accum)]
+
+    def _attach_noise(self, batch: dict[str, Any], step: int, offset: int) -> None:
+        """Per-sample flow noise from a generator of (seed, step), sliced for this rank."""
+        if "latents" not in batch:
+            return
+        lat = batch["latents"]
+        f = self.model.cfg.train.video_downsample
+        b, c, t, h, w = lat.shape
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+        gb = self.cfg.batch_size
+        u = torch.rand(gb, generator=g)
+        eps = torch.randn(gb, c, t, h // f, w // f, generator=g)
+        batch["flow_u"] = u[offset:offset + b]
+        batch["flow_eps"] = eps[offset:offset + b]
+
+    def train_step(self) -> dict[str, float]:
+        self.wrapped.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        mbs = self._micro_batches(self.step)
+        for batch in mbs:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                loss, metrics = self._loss(batch)
+            (loss / len(mbs)).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / len(mbs)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        totals["grad_norm"] = float(gnorm)
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return totals
+
+    # --- loop ---------------------------------------------------------------------------------
+    def train(self, max_steps: int | None = None) -> dict[str, Any]:
+        """Run until ``max_steps`` (default cfg.max_steps); returns the last metrics and timing."""
+        total = max_steps or self.cfg.max_steps
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out_dir / METRICS_FILE
+        if self.rank == 0 and metrics_path.exists():
+            self._truncate_metrics(metrics_path, self.step)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        start = self.step
+        last: dict[str, float] = {}
+        while self.step < total:
+            last = self.train_step()
+            if self.rank == 0:
+                if self.step % self.cfg.log_every == 0 or self.step == total:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": self.step, **last}) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", act=f"{last['action_loss']:.4f}")
+            if self.step % self.cfg.save_every == 0 or self.step == total:
+                self.save()
+            if self.on_step is not None:
+                self.on_step(self.step, last)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        if self.rank == 0 and metrics_path.exists():
+            plot_losses(metrics_path, self.out_dir / "loss.png")
+        return {"step": self.step, "metrics": last, "seconds": elapsed,
+                "steps_per_s": (self.step - start) / elapsed if elapsed > 0 else float("nan")}
+
+    @staticmethod
+    def _truncate_metrics(path: Path, step: int) -> None:
+        """Drop metric lines past the resumed step (written after the last checkpoint of a killed run)."""
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_losses(metrics_path: str | os.PathLike, out: str | os.PathLike) -> Path | None:
+    """Loss curves (total, video, action) against step, log scale; PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for key, label in (("loss", "total"), ("video_loss", "video (flow, weighted)"), ("action_loss", "action (MSE)")):
+        if key in rows[0]:
+            ax.plot(steps, [r[key] for r in rows], label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Light-WAM training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
