@@ -1,0 +1,160 @@
+"""Benchmark: fused multi-layer learned-query pooling vs the reference poolers, eager and torch.compile'd.
+
+Cases, measured side by side in one run at each shape:
+  fused               MultiLayerQueryPooler (one lwam::query_pool launch set for all L layers)
+  reference           the plain ReferenceQueryPooler forward per layer (fused=False)
+  reference_compiled  torch.compile of the same reference
+  folded_inference    fold_for_inference(...) (forward only: the frozen-policy path)
+Modes: "fwd" (under no_grad) and "fwd_bwd" (forward + backward to the layer inputs and every parameter).
+
+Shapes: on CUDA the paper's training shape (L=3, B=16, S=392, D=1536, H=8, Q=16) and inference (B=1), in
+bf16 and fp32; on CPU tiny shapes in fp32 (the fused path runs in the Triton interpreter there, which
+measures the interpreter, not the kernel). Every case is checked against the reference first, warmed up,
+and timed with a device synchronize before the clock is read. Launches are counted (Triton launches through
+the launcher's counter; on CUDA also every device kernel through torch.profiler); peak memory on CUDA.
+Run: ``python -m pytest benchmarks/test_bench_query_pool.py --benchmark-only``; with LWAM_BENCH_RECORD=1 a
+JSON record goes to benchmarks/results/.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from _record import write_record
+from lwam.modules.query_pool import MultiLayerQueryPooler, fold_for_inference, pool_layers
+from lwam.ops.query_pool import query_pool_kernel_available
+from lwam.testing import assert_close
+
+try:
+    import lwam.kernels.query_pool as kq
+except ImportError:
+    kq = None
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda":
+    SHAPES = {"train": (3, 16, 392, 1536, 8, 16), "infer": (3, 1, 392, 1536, 8, 16)}
+    DTYPES = [torch.bfloat16, torch.float32]
+else:
+    SHAPES = {"train": (3, 4, 24, 64, 8, 16), "infer": (3, 1, 24, 64, 8, 16)}
+    DTYPES = [torch.float32]
+CASES = ["fused", "reference", "reference_compiled", "folded_inference"]
+MODES = ["fwd", "fwd_bwd"]
+_RESULTS: list[dict] = []
+_COMPILED: dict = {}
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _setup(shape, dtype):
+    L, B, S, D, H, Q = shape
+    torch.manual_seed(0)
+    mod = MultiLayerQueryPooler(L, D, num_queries=Q, num_heads=H)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.randn_like(p) * (0.5 if p.dim() == 1 else 0.02))
+    mod = mod.to(DEVICE, dtype)
+    xs = [(torch.randn(B, S, D, device=DEVICE) * 1.5 + 0.2).to(dtype) for _ in range(L)]
+    return mod, xs
+
+
+def _forward_fn(case, mod, shape, dtype, mode):
+    poolers = list(mod.poolers)
+    if case == "fused":
+        return lambda xs: pool_layers(poolers, xs, fused=True)
+    if case == "reference":
+        return lambda xs: pool_layers(poolers, xs, fused=False)
+    if case == "reference_compiled":
+        key = (shape, dtype, mode)
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(lambda xs: pool_layers(poolers, xs, fused=False), fullgraph=True)
+        return _COMPILED[key]
+    folded = fold_for_inference(poolers)
+    return lambda xs: folded(xs)
+
+
+def _step(fwd, mod, xs, mode):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                out = fwd(xs)
+            _sync()
+            return out
+        return run
+    leaves = [x.detach().requires_grad_(True) for x in xs]
+    params = list(mod.parameters())
+
+    def run():
+        out = fwd(leaves)
+        grads = torch.autograd.grad(out.float().square().mean(), [*leaves, *params])
+        _sync()
+        return grads
+    return run
+
+
+def _count_launches(run) -> dict:
+    counts = {}
+    if kq is not None:
+        kq.reset_launch_count()
+        run()
+        counts["triton_launches"] = kq.launch_count()
+    if DEVICE == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+        counts["cuda_kernels"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return counts
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_bench_query_pool(benchmark, shape_name, dtype, mode, case):
+    shape = SHAPES[shape_name]
+    if case == "folded_inference" and mode != "fwd":
+        pytest.skip("the folded inference module is frozen (forward only)")
+    mod, xs = _setup(shape, dtype)
+    if case in ("fused", "folded_inference") and not query_pool_kernel_available(xs[0]):
+        pytest.skip("no Triton kernel here (needs CUDA, or TRITON_INTERPRET=1 on CPU)")
+    fwd = _forward_fn(case, mod, shape, dtype, mode)
+
+    with torch.no_grad():  # correctness first: against the fp32 reference
+        ref32 = pool_layers([p.float() for p in _setup(shape, torch.float32)[0].to(DEVICE).poolers],
+                            [x.float() for x in xs], fused=False)
+        assert_close(fwd(xs), ref32, dtype, name=case)
+
+    run = _step(fwd, mod, xs, mode)
+    for _ in range(2):  # warm-up (and torch.compile's first calls)
+        run()
+    launches = _count_launches(run)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    slow_cpu = DEVICE == "cpu" and case in ("fused", "folded_inference")
+    rounds = 30 if DEVICE == "cuda" else (3 if slow_cpu else 10)
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None
+    benchmark.extra_info.update({"device": DEVICE, "shape": dict(zip("LBSDHQ", shape)), **launches,
+                                 "peak_memory_bytes": peak})
+    _RESULTS.append({"case": case, "mode": mode, "shape_name": shape_name, "shape": dict(zip("LBSDHQ", shape)),
+                     "dtype": str(dtype).replace("torch.", ""), "median_s": median, "peak_memory_bytes": peak,
+                     **launches})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record():
+    yield
+    speedups = {}
+    by_key = {(r["shape_name"], r["dtype"], r["mode"], r["case"]): r["median_s"] for r in _RESULTS}
+    for (shape_name, dt, mode, case), t in by_key.items():
+        ref = by_key.get((shape_name, dt, mode, "reference"))
+        if ref and case != "reference":
+            speedups[f"{shape_name}/{dt}/{mode}/{case}"] = ref / t
+    write_record("query_pool", DEVICE, _RESULTS, speedup_vs_reference=speedups,
+                 note=("CPU: the fused path runs in the Triton interpreter; its times measure the interpreter"
+                       if DEVICE == "cpu" else "CUDA kernels, synchronised timing"))
