@@ -1,0 +1,709 @@
+"""Policy: the optimised single-pass action decoder (observation -> de-normalised action chunk).
+
+One action query (SPEC.md, "Inference"): VAE-encode the current composed frame -> cached text context +
+proprio token -> one backbone pass at t = 0 up to the last tapped layer -> StateFusionActionExpert ->
+normalised actions [B, H, A] -> de-normalise.
+
+:class:`Policy` builds a lean copy of a :class:`~lwam.model.lightwam.LightWAM` and applies exact
+transformations, each switchable and each checked against the eager ``LightWAM.predict_actions`` with the
+same weights (tests/test_inference.py):
+
+* ``merge_lora``: every LoRA pair is folded into its frozen linear (``W + scale * up @ down``, in fp32)
+  and removed, so a LoRA target costs one GEMM;
+* ``truncate``: blocks after the last tapped layer are deleted (they cannot change the action); with
+  ``truncate=False`` the policy keeps and runs the whole backbone, as the published implementation does;
+* ``fold_pooling``: the folded learned-query pooling matrices (DESIGN.md, "The fused ops", 1) are computed
+  once, in fp32, from the frozen pooler weights (``lwam.modules.query_pool.fold_for_inference``); every
+  query runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps
+  after it, with no per-call parameter algebra;
+* ``single_frame_vae``: the current frame is one video frame, and every causal 3D convolution of the VAE
+  encoder sees it behind zero padding only, so each one is replaced by the 2D convolution with its last
+  temporal kernel slice (a third of the encoder FLOPs for 3x3x3 kernels; exact up to summation order);
+* text context cached per instruction: the embedded text tokens ``text_embedding(ctx)`` [Lt, D] are
+  computed once per instruction (the embedding MLP is per token); only the proprio token is embedded per
+  query. The t = 0 time modulation and the RoPE tables are constants computed once.
+
+Then: weights in ``dtype`` (bf16 on CUDA by default), static input/output buffers per input shape,
+``torch.compile`` of the whole observation -> action path (VAE encode included) and, on CUDA, capture of
+that compiled path in a CUDA graph; ``predict`` copies into the buffers and replays. On CPU the compiled
+path runs without graphs (``compile=False`` runs the transformed modules eagerly).
+
+Inputs (``predict_batch``; ``predict`` takes the same without the batch dimension):
+
+* ``images``: the composed camera image (``lwam.data.cameras`` layout, rotated where the dataset's
+  convention says so), either float ``[B, 3, H, W]`` in [-1, 1] or uint8 ``[B, H, W, 3]`` in 0..255
+  (mapped to ``x / 127.5 - 1``); torch tensors or numpy arrays;
+* ``instructions``: one str per sample (a single str is broadcast); its text context must be in the
+  policy's text cache unless the config has a text encoder;
+* ``proprio``: raw proprioceptive state ``[B, P]`` (normalised with the checkpoint's statistics).
+
+Output: de-normalised actions ``[B, H, A]`` float32 -- a numpy array when ``proprio`` is a numpy array,
+else a CPU torch tensor. Without statistics the policy returns normalised actions (logged once).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lwam._logging import log_once
+from lwam.config import LightWAMConfig
+
+__all__ = ["Policy", "InferenceOptions", "UnknownInstructionError", "prepare_images"]
+
+
+class UnknownInstructionError(ValueError, KeyError):
+    """An instruction has no cached text context and no text encoder is configured."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Which exact transformations and which execution mode a :class:`Policy` uses."""
+
+    merge_lora: bool = True
+    truncate: bool = True
+    fold_pooling: bool = True
+    single_frame_vae: bool = True
+    compile: bool = True
+    cuda_graphs: bool = False
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
+
+
+# ------------------------------------------------------------------------------------------------
+# exact transformations
+# ------------------------------------------------------------------------------------------------
+def _copy_module(module: nn.Module, drop: Sequence[str] = (), replace: Mapping[str, nn.Module] | None = None
+                 ) -> nn.Module:
+    """Deep copy of ``module`` without the child modules named in ``drop`` (set to None in the copy) and
+    with ``replace[name]`` (deep-copied) instead of those children. The source is not modified and the
+    dropped children are never copied."""
+    shallow = copy.copy(module)
+    shallow._modules = {k: v for k, v in module._modules.items() if k not in drop}
+    for k, v in (replace or {}).items():
+        shallow._modules[k] = v
+    shallow._parameters = dict(module._parameters)
+    shallow._buffers = dict(module._buffers)
+    out = copy.deepcopy(shallow)
+    for k in drop:
+        out._modules[k] = None
+    return out
+
+
+_LORA_PAIRS = (
+    ("self_attn", "lora_q", "q"), ("self_attn", "lora_k", "k"), ("self_attn", "lora_v", "v"),
+    ("self_attn", "lora_o", "o"), ("cross_attn", "lora_q", "q"), ("cross_attn", "lora_k", "k"),
+    ("cross_attn", "lora_v", "v"), ("cross_attn", "lora_o", "o"),
+)
+
+
+@torch.no_grad()
+def merge_block_lora_(block: nn.Module) -> int:
+    """Fold every LoRA of a :class:`~lwam.model.dit.DiTBlock` into its frozen linear (fp32 math) and
+    delete the LoRA modules. Returns the number merged."""
+    from lwam.model.lora import merge_lora_
+
+    n = 0
+    for parent_name, lora_name, lin_name in _LORA_PAIRS:
+        parent = getattr(block, parent_name)
+        lora = getattr(parent, lora_name, None)
+        if lora is not None:
+            merge_lora_(getattr(parent, lin_name), lora)
+            delattr(parent, lora_name)
+            n += 1
+    for lora_name, idx in (("ffn_lora_in", 0), ("ffn_lora_out", 2)):
+        lora = getattr(block, lora_name, None)
+        if lora is not None:
+            merge_lora_(block.ffn[idx], lora)
+            delattr(block, lora_name)
+            n += 1
+    return n
+
+
+class FrameConv2d(nn.Module):
+    """A :class:`~lwam.model.vae.CausalConv3d` applied to a single frame [B, C, 1, H, W].
+
+    Causal padding puts ``time_pad`` zero frames before the only real frame, so only the last temporal
+    slice of the kernel touches data: the result is a 2D convolution with ``weight[:, :, -1]`` (same
+    spatial padding and stride). ``forward(x [B, C, 1, H, W], cache=None) -> [B, C', 1, H', W']``.
+    """
+
+    def __init__(self, conv: nn.Conv3d):
+        super().__init__()
+        kt = conv.kernel_size[0]
+        if conv.time_pad != kt - 1 or conv.stride[0] != 1 or conv.dilation[0] != 1:
+            raise ValueError(f"FrameConv2d: unsupported causal conv (kernel {conv.kernel_size}, "
+                             f"time_pad {conv.time_pad}, stride {conv.stride})")
+        self.weight = nn.Parameter(conv.weight.detach()[:, :, -1].clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.space_pad = tuple(conv.space_pad)
+        self.stride = tuple(conv.stride[1:])
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        y = x[:, :, 0]
+        if any(self.space_pad):
+            y = F.pad(y, self.space_pad)
+        return F.conv2d(y, self.weight, self.bias, stride=self.stride)[:, :, None]
+
+
+def single_frame_encoder_(module: nn.Module) -> int:
+    """Replace every causal 3D conv under ``module`` by :class:`FrameConv2d` in place (single-frame use
+    only: temporal downsamplers keep a lone frame as is). Returns the number replaced."""
+    from lwam.model.vae import CausalConv3d
+
+    n = 0
+    for name, child in list(module.named_children()):
+        if name == "time_conv":  # temporal resampling never runs on a lone frame
+            continue
+        if isinstance(child, CausalConv3d):
+            setattr(module, name, FrameConv2d(child))
+            n += 1
+        else:
+            n += single_frame_encoder_(child)
+    return n
+
+
+class _VAEEncoder(nn.Module):
+    """The encoder half of the Wan VAE: ``frame [B, 3, 1, H, W] in [-1, 1] -> z [B, C, 1, H/s, W/s]`` fp32
+    (normalised posterior mean, as ``WanVAE.encode``)."""
+
+    def __init__(self, vae: nn.Module, single_frame: bool):
+        super().__init__()
+        self.encoder = copy.deepcopy(vae.encoder)
+        self.conv1 = copy.deepcopy(vae.conv1)
+        self.register_buffer("latent_mean", vae.latent_mean.detach().clone().float(), persistent=False)
+        self.register_buffer("latent_std", vae.latent_std.detach().clone().float(), persistent=False)
+        if single_frame:
+            single_frame_encoder_(self.encoder)
+            self.conv1 = FrameConv2d(self.conv1)
+
+    def forward(self, frame: torch.Tensor) -> torch.Tensor:
+        x = frame.to(self.conv1.weight.dtype)
+        mean = self.conv1(self.encoder(x))[:, : self.latent_mean.shape[0]]
+        view = (1, -1, 1, 1, 1)
+        return ((mean - self.latent_mean.view(view).to(mean.dtype)) / self.latent_std.view(view).to(mean.dtype)).float()
+
+
+class FastActionPath(nn.Module):
+    """The transformed observation -> normalised-action path (an ``nn.Module`` that ``torch.compile`` and
+    CUDA graphs wrap as one function).
+
+    ``forward(images [B, 3, H, W] param dtype, proprio [B, P] fp32 normalised, text [B, Lt, D] embedded
+    text tokens (param dtype), cos [S, d/2], sin [S, d/2] fp32 RoPE tables) -> actions [B, H, A] fp32``.
+    The stages are exposed for the latency benchmark: :meth:`encode`, :meth:`context`, :meth:`backbone`,
+    :meth:`expert_head`.
+    """
+
+    def __init__(self, model: nn.Module, options: InferenceOptions):
+        super().__init__()
+        cfg: LightWAMConfig = model.cfg
+        self.cfg = cfg
+        self.options = options
+        taps = tuple(cfg.tap_layers)
+        self.taps = taps
+        dit = model.dit
+        keep = max(taps) + 1 if options.truncate else len(dit.blocks)
+        blocks = nn.ModuleList(list(dit.blocks)[:keep])
+        self.dit = _copy_module(dit, drop=("head",), replace={"blocks": blocks})
+        if options.merge_lora:
+            for blk in self.dit.blocks:
+                merge_block_lora_(blk)
+        if model.vae is None:
+            raise ValueError("model: the Policy needs a LightWAM built with its VAE (build_vae=True)")
+        self.vae = _VAEEncoder(model.vae, options.single_frame_vae)
+        self.proprio_encoder = copy.deepcopy(model.proprio_encoder)
+        expert = model.expert
+        self.folded_pooling = None
+        self._pending_fold: list[nn.Module] = []
+        if options.fold_pooling:
+            from lwam.modules.query_pool import fold_for_inference
+
+            # Folded once, in fp32, from the frozen pooler weights; kept out of the module tree until
+            # finalize() so that the dtype cast of the weights does not round these matrices.
+            self._pending_fold = [fold_for_inference(expert.poolers)]
+            self.expert = _copy_module(expert, drop=("layer_poolers",))
+        else:
+            self.expert = copy.deepcopy(expert)
+        self.requires_grad_(False)
+        self.eval()
+
+    # --- after the weights reach their device/dtype --------------------------------------------
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Precompute the t = 0 modulation input (exactly as ``WanDiT.time_embed`` on the final weights)
+        and place the folded pooling matrices (fp32: a few small matrices). Call after ``.to(device, dtype)``."""
+        dev = self.dit.patch_embedding.weight.device
+        _, e6 = self.dit.time_embed(torch.zeros(1, 1, device=dev))
+        self.register_buffer("e6", e6, persistent=False)  # [1, 1, 6, D] fp32
+        if self._pending_fold:
+            self.folded_pooling = self._pending_fold.pop().to(dev)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dit.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.patch_embedding.weight.device
+
+    # --- stages ----------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> normalised latent [B, C, 1, H/8, W/8] fp32."""
+        return self.vae(images[:, :, None])
+
+    def embed_text(self, text_context: torch.Tensor) -> torch.Tensor:
+        """raw text context [..., Lt, text_dim] -> embedded tokens [..., Lt, D] (param dtype)."""
+        return self.dit.text_embedding(text_context.to(self.dtype))
+
+    def context(self, text: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        """embedded text [B, Lt, D] + normalised proprio [B, P] -> context [B, Lt + 1, D]."""
+        tok = self.proprio_encoder(proprio.to(self.proprio_encoder.weight.dtype))[:, None]
+        return torch.cat([text, self.dit.text_embedding(tok.to(self.dtype))], dim=1)
+
+    def backbone(self, z: torch.Tensor, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> list[torch.Tensor]:
+        """z [B, C, 1, h, w], ctx [B, Lc, D] -> adapted states of the tapped layers, L x [B, S, D]."""
+        x, grid = self.dit.patchify(z)
+        n0 = grid[1] * grid[2]
+        tapped = []
+        for i, block in enumerate(self.dit.blocks):
+            x = block(x, self.e6, ctx, cos, sin, n0)
+            if str(i) in self.dit.wam_adapters:
+                x = self.dit.wam_adapters[str(i)](x)
+            if i in self.taps:
+                tapped.append(x)
+        return tapped
+
+    def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L x [B, S, D] -> pooled [B, L, D] (param dtype)."""
+        if not self.options.fold_pooling:
+            return self.expert.pool(states).to(self.dtype)
+        return self.folded_pooling(list(states)).to(self.dtype)
+
+    def expert_head(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """L x [B, S, D] -> normalised actions [B, H, A] fp32."""
+        return self.expert.head(self.pool(states)).float()
+
+    def forward(self, images: torch.Tensor, proprio: torch.Tensor, text: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        z = self.encode(images)
+        ctx = self.context(text, proprio)
+        return self.expert_head(self.backbone(z, ctx, cos, sin))
+
+
+# ------------------------------------------------------------------------------------------------
+# input preparation (CPU, before any device work)
+# ------------------------------------------------------------------------------------------------
+def prepare_images(images: Any, batched: bool, factor: int, name: str = "images") -> torch.Tensor:
+    """Check and convert images to a float32 CPU tensor [B, 3, H, W] in [-1, 1].
+
+    Accepts float [B, 3, H, W] in [-1, 1] or uint8 [B, H, W, 3] (without B when ``batched`` is False),
+    as torch tensors or numpy arrays. Raises TypeError/ValueError naming the expected and received shape
+    or dtype. ``factor``: H and W must be divisible by it (VAE factor x patch size).
+    """
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(images).__name__}")
+    lead = "B, " if batched else ""
+    rank = 4 if batched else 3
+    if images.dtype == torch.uint8:
+        if images.dim() != rank or images.shape[-1] != 3:
+            raise ValueError(f"{name}: expected uint8 [{lead}H, W, 3], got {tuple(images.shape)}")
+        x = images if batched else images[None]
+        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    elif images.is_floating_point():
+        if images.dim() != rank or images.shape[-3] != 3:
+            raise ValueError(f"{name}: expected [{lead}3, H, W] in [-1, 1], got {tuple(images.shape)}")
+        x = (images if batched else images[None]).float()
+    else:
+        raise TypeError(f"{name}: expected a float tensor in [-1, 1] ([{lead}3, H, W]) or uint8 "
+                        f"[{lead}H, W, 3], got {images.dtype}")
+    if x.shape[2] % factor or x.shape[3] % factor or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name}: H and W must be divisible by {factor}, got {tuple(images.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one image, got {tuple(images.shape)}")
+    return x.cpu()
+
+
+def _make_normalizer(stats: Any, cfg: LightWAMConfig):
+    if stats is None:
+        return None
+    from lwam.data.normalize import Normalizer
+
+    if isinstance(stats, Normalizer):
+        return stats
+    if isinstance(stats, Mapping) and "modes" in stats and "stats" in stats:
+        return Normalizer.from_dict(stats)
+    if isinstance(stats, Mapping):
+        if "features" in stats:
+            stats = stats["features"]
+        return Normalizer.from_config(stats, cfg.data)
+    raise TypeError(f"stats: expected a Normalizer or a stats dict, got {type(stats).__name__}")
+
+
+def _load_text_cache(text_cache: Any) -> dict[str, torch.Tensor]:
+    """A mapping instruction -> [Lt, text_dim], or a .safetensors / .pt file holding one."""
+    if text_cache is None:
+        return {}
+    if isinstance(text_cache, Mapping):
+        return dict(text_cache)
+    path = Path(text_cache)
+    if not path.is_file():
+        raise FileNotFoundError(f"text cache not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    data = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"text cache {path}: expected a dict instruction -> tensor, got {type(data).__name__}")
+    return dict(data)
+
+
+# ------------------------------------------------------------------------------------------------
+# static-buffer runners
+# ------------------------------------------------------------------------------------------------
+class _Runner:
+    """Static buffers + the compiled (and, on CUDA, graph-captured) path for one input shape (B, H, W)."""
+
+    def __init__(self, policy: "Policy", b: int, h: int, w: int):
+        from lwam.model.rope import rope_cos_sin
+
+        fp = policy.fast
+        cfg = policy.cfg
+        dev, dt = fp.device, fp.dtype
+        self.policy = policy
+        self.images = torch.zeros(b, 3, h, w, device=dev, dtype=dt)
+        self.proprio = torch.zeros(b, cfg.proprio_dim, device=dev, dtype=torch.float32)
+        self.text = torch.zeros(b, cfg.text.max_tokens, cfg.dit.dim, device=dev, dtype=dt)
+        f = cfg.vae.spatial_factor
+        _, ph, pw = cfg.dit.patch_size
+        cos, sin = rope_cos_sin((1, h // f // ph, w // f // pw), cfg.dit.head_dim, cfg.dit.rope_theta, device=dev)
+        self.cos, self.sin = cos, sin
+        self.instructions: tuple[str, ...] | None = None
+        self.graph = None
+        self.out: torch.Tensor | None = None
+        self.warm = False
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return self.images, self.proprio, self.text, self.cos, self.sin
+
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """Compile (and capture) with the current buffer contents. Called once per shape.
+
+        One eager pass first: it fires the one-time log lines and lazy imports outside the compiled
+        region, so that the compiled graph is one graph without breaks."""
+        opts = self.policy.options
+        self.out = self.policy.fast(*self.args())
+        if opts.compile:
+            try:
+                self.policy._fn(*self.args())
+            except Exception as e:  # a graph break somewhere: compile the rest around it
+                if "fullgraph" not in str(e) and "graph break" not in str(e).lower():
+                    raise
+                log_once("policy.graph-break", f"Policy: the action path does not compile as one graph "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]}); compiling with graph breaks")
+                self.policy._fn = self.policy._compile(fullgraph=False)
+        fn = self.policy._fn
+        if opts.cuda_graphs:
+            s = torch.cuda.Stream(device=self.images.device)
+            s.wait_stream(torch.cuda.current_stream(self.images.device))
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn(*self.args())
+            torch.cuda.current_stream(self.images.device).wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.policy._graph_pool()):
+                self.out = fn(*self.args())
+            self.graph = g
+        else:
+            self.out = fn(*self.args())
+        self.warm = True
+
+    @torch.no_grad()
+    def run(self) -> torch.Tensor:
+        if not self.warm:
+            self.warmup()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        self.out = self.policy._fn(*self.args())
+        return self.out
+
+
+# ------------------------------------------------------------------------------------------------
+# Policy
+# ------------------------------------------------------------------------------------------------
+class Policy:
+    """Optimised single-pass action decoder. Build with :meth:`from_model`, :meth:`from_checkpoint` or
+    :meth:`from_release`; query with :meth:`predict` / :meth:`predict_batch`.
+
+    The policy owns a transformed copy of the model (the source model is not modified). Every new input
+    shape (batch size, image size) is compiled and captured once on first use (or by :meth:`warmup`);
+    later calls of that shape copy into its static buffers and replay.
+    """
+
+    def __init__(self, fast: FastActionPath, cfg: LightWAMConfig, options: InferenceOptions, normalizer=None,
+                 text_contexts: Mapping[str, torch.Tensor] | None = None, text_encoder=None):
+        self.fast = fast
+        self.cfg = cfg
+        self.options = options
+        self.normalizer = normalizer
+        self.text_encoder = text_encoder
+        self._raw_text: dict[str, torch.Tensor] = {}
+        self._text_emb: dict[str, torch.Tensor] = {}
+        for k, v in (text_contexts or {}).items():
+            self.add_instruction(k, v)
+        self._runners: dict[tuple[int, int, int], _Runner] = {}
+        self._pool = None
+        self._fn = self._compile(fullgraph=True) if options.compile else fast
+
+    def _compile(self, fullgraph: bool):
+        o = self.options
+        kw: dict[str, Any] = {"dynamic": False, "fullgraph": fullgraph, "backend": o.compile_backend}
+        if o.compile_mode is not None:
+            kw["mode"] = o.compile_mode
+        return torch.compile(self.fast, **kw)
+
+    # --- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, stats: Any = None, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None, compile: bool = True, cuda_graphs: bool | None = None,
+                   merge_lora: bool = True, truncate: bool = True, fold_pooling: bool = True,
+                   single_frame_vae: bool = True, compile_mode: str | None = None,
+                   compile_backend: str = "inductor") -> "Policy":
+        """Build a policy from a :class:`~lwam.model.lightwam.LightWAM` (left unmodified).
+
+        ``stats``: normalisation statistics (a :class:`~lwam.data.normalize.Normalizer`, its ``to_dict()``
+        or a feature -> {min, max, mean, std} dict read with the config's modes); ``device``: default the
+        model's; ``dtype``: default bf16 on CUDA, fp32 elsewhere; ``cuda_graphs``: default on for CUDA.
+        The transformation switches are described in the module docstring; ``compile_mode`` and
+        ``compile_backend`` go to ``torch.compile`` (always ``dynamic=False``: one static graph per shape).
+        """
+        cfg = model.cfg
+        dev = torch.device(device) if device is not None else model.proprio_encoder.weight.device
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        if graphs and dev.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {dev}")
+        opts = InferenceOptions(merge_lora=merge_lora, truncate=truncate, fold_pooling=fold_pooling,
+                                single_frame_vae=single_frame_vae, compile=bool(compile), cuda_graphs=graphs,
+                                compile_mode=compile_mode, compile_backend=compile_backend)
+        fast = FastActionPath(model, opts).to(device=dev, dtype=dtype)
+        fast.finalize()
+        text = getattr(model, "text", None)
+        contexts = text.state() if text is not None else {}
+        encoder = text.encoder if text is not None else None
+        return cls(fast, cfg, opts, _make_normalizer(stats, cfg), contexts, encoder)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, **kwargs: Any) -> "Policy":
+        """From our checkpoint directory (config.json + model.safetensors [+ stats.json]), or from a
+        published Light-WAM ``.pt`` with ``Wan2.1_VAE.pth`` in the same directory (see :meth:`from_release`;
+        pass ``vae_path``/``text_cache``/``stats``/``cfg`` through ``kwargs``)."""
+        p = Path(path)
+        if p.is_file() and p.suffix == ".pt":
+            vae_path = kwargs.pop("vae_path", None) or p.with_name("Wan2.1_VAE.pth")
+            return cls.from_release(p, vae_path, device=device, dtype=dtype, **kwargs)
+        from lwam.checkpoint import load_checkpoint
+
+        model, stats = load_checkpoint(p)
+        stats = kwargs.pop("stats", None) or stats
+        text_cache = _load_text_cache(kwargs.pop("text_cache", None))
+        for k, v in text_cache.items():
+            model.text.add(k, v)
+        return cls.from_model(model, stats, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_release(cls, release_pt: str | os.PathLike, vae_path: str | os.PathLike, text_cache: Any = None,
+                     stats: Any = None, cfg: LightWAMConfig | None = None, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None, **kwargs: Any) -> "Policy":
+        """From a published Light-WAM ``.pt`` (DiT incl. frozen weights, SFAE, proprio encoder) and the
+        Wan2.1 VAE file. ``text_cache``: instruction -> umT5 context [128, 4096] (mapping or file);
+        ``stats``: the dataset's normalisation statistics; ``cfg``: default the paper preset (LIBERO)."""
+        from lwam.config import get_preset
+        from lwam.model.lightwam import LightWAM
+        from lwam.model.weights import load_lightwam_release
+
+        if not Path(vae_path).is_file():
+            raise FileNotFoundError(f"Wan2.1 VAE file not found: {vae_path}")
+        cfg = cfg if cfg is not None else get_preset("paper")
+        model = LightWAM(cfg)
+        load_lightwam_release(model, release_pt)
+        model.vae.load_pretrained(vae_path)
+        for k, v in _load_text_cache(text_cache).items():
+            model.text.add(k, v)
+        return cls.from_model(model, stats, device=device, dtype=dtype, **kwargs)
+
+    # --- text ------------------------------------------------------------------------------------
+    def add_instruction(self, instruction: str, text_context: torch.Tensor) -> None:
+        """Register the raw text context [Lt, text_dim] of ``instruction`` (e.g. from a umT5 cache)."""
+        t = self.cfg.text
+        if tuple(text_context.shape) != (t.max_tokens, t.dim):
+            raise ValueError(f"text_context for {instruction!r}: expected [{t.max_tokens}, {t.dim}], "
+                             f"got {tuple(text_context.shape)}")
+        self._raw_text[instruction] = text_context.detach().float().cpu()
+        self._text_emb.pop(instruction, None)
+
+    def _resolve_text(self, instructions: Sequence[str]) -> None:
+        """Make sure every instruction has a raw context (encoding missing ones if an encoder exists)."""
+        missing = [s for s in dict.fromkeys(instructions) if s not in self._raw_text]
+        if not missing:
+            return
+        if self.text_encoder is None:
+            raise UnknownInstructionError(
+                f"instruction: no cached text context for {missing[:3]} and no text encoder configured "
+                f"(text.encoder={self.cfg.text.encoder!r}); add it with Policy.add_instruction() or pass "
+                f"text_cache=")
+        from lwam.model.text import format_prompt
+
+        ctx = self.text_encoder([format_prompt(self.cfg.text, s) for s in missing])
+        for s, c in zip(missing, ctx):
+            self.add_instruction(s, c)
+
+    @torch.no_grad()
+    def text_embedding(self, instruction: str) -> torch.Tensor:
+        """Embedded text tokens [Lt, D] of a known instruction, on the policy's device (cached)."""
+        emb = self._text_emb.get(instruction)
+        if emb is None:
+            self._resolve_text([instruction])
+            emb = self.fast.embed_text(self._raw_text[instruction].to(self.fast.device))
+            self._text_emb[instruction] = emb
+        return emb
+
+    # --- queries ---------------------------------------------------------------------------------
+    def _check(self, images: Any, instructions: Any, proprio: Any, batched: bool
+               ) -> tuple[torch.Tensor, list[str], torch.Tensor, bool]:
+        cfg = self.cfg
+        factor = cfg.vae.spatial_factor * cfg.dit.patch_size[1]
+        x = prepare_images(images, batched, factor)
+        b = x.shape[0]
+        is_numpy = isinstance(proprio, np.ndarray)
+        if is_numpy:
+            proprio = torch.from_numpy(np.asarray(proprio))
+        if not isinstance(proprio, torch.Tensor):
+            raise TypeError(f"proprio: expected a torch.Tensor or numpy array, got {type(proprio).__name__}")
+        p = cfg.proprio_dim
+        if not batched:
+            if proprio.dim() != 1 or proprio.shape[0] != p:
+                raise ValueError(f"proprio: expected [{p}], got {tuple(proprio.shape)}")
+            proprio = proprio[None]
+        if proprio.dim() != 2 or proprio.shape[0] != b or proprio.shape[1] != p:
+            raise ValueError(f"proprio: expected [B={b}, {p}], got {tuple(proprio.shape)}")
+        if not (proprio.is_floating_point() or proprio.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"proprio: expected a float tensor, got {proprio.dtype}")
+        if isinstance(instructions, str):
+            instructions = [instructions] * b
+        if not isinstance(instructions, Sequence) or not all(isinstance(s, str) for s in instructions):
+            raise TypeError(f"instructions: expected a str or a list of {b} str, got {type(instructions).__name__}")
+        instructions = list(instructions)
+        if len(instructions) != b:
+            raise ValueError(f"instructions: expected {b} (one per image), got {len(instructions)}")
+        self._resolve_text(instructions)
+        prop = proprio.detach().cpu().float()
+        if self.normalizer is not None:
+            from lwam.data.lerobot import STATE_KEY
+            prop = self.normalizer.apply(STATE_KEY, prop).float()
+        return x, instructions, prop, is_numpy
+
+    def _runner(self, b: int, h: int, w: int) -> _Runner:
+        key = (b, h, w)
+        r = self._runners.get(key)
+        if r is None:
+            r = self._runners[key] = _Runner(self, b, h, w)
+        return r
+
+    def _graph_pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    @torch.no_grad()
+    def predict_normalized(self, images: Any, instructions: Sequence[str] | str, proprio_normalized: torch.Tensor
+                           ) -> torch.Tensor:
+        """Low-level query: images as in :meth:`predict_batch`, proprio already normalised [B, P] ->
+        normalised actions [B, H, A] fp32 on the policy's device (a view of the static output buffer on
+        CUDA-graph runs: copy it before the next query)."""
+        x, instr, prop, _ = self._check(images, instructions, proprio_normalized, batched=True)
+        return self._run(x, instr, proprio_normalized.detach().float().cpu())
+
+    def _run(self, x: torch.Tensor, instructions: list[str], prop: torch.Tensor) -> torch.Tensor:
+        r = self._runner(x.shape[0], x.shape[2], x.shape[3])
+        r.images.copy_(x, non_blocking=False)
+        r.proprio.copy_(prop)
+        key = tuple(instructions)
+        if r.instructions != key:
+            for i, s in enumerate(instructions):
+                r.text[i].copy_(self.text_embedding(s))
+            r.instructions = key
+        return r.run()
+
+    def _finish(self, out: torch.Tensor, is_numpy: bool) -> Any:
+        out = out.to("cpu", torch.float32, copy=True)
+        if self.normalizer is not None:
+            from lwam.data.lerobot import ACTION_KEY
+            out = self.normalizer.invert(ACTION_KEY, out)
+        else:
+            log_once("policy.no-stats", "Policy: no normalisation statistics; returning normalised actions")
+        return out.numpy() if is_numpy else out
+
+    @torch.no_grad()
+    def predict_batch(self, images: Any, instructions: Sequence[str] | str, proprio: Any) -> Any:
+        """images [B, 3, H, W] float in [-1, 1] or uint8 [B, H, W, 3]; instructions: B str (or one str);
+        proprio [B, P] raw -> de-normalised actions [B, H, A] float32 (numpy if proprio is numpy)."""
+        x, instr, prop, is_numpy = self._check(images, instructions, proprio, batched=True)
+        return self._finish(self._run(x, instr, prop), is_numpy)
+
+    @torch.no_grad()
+    def predict(self, images: Any, instruction: str, proprio: Any) -> Any:
+        """images [3, H, W] float in [-1, 1] or uint8 [H, W, 3]; instruction: str; proprio [P] raw ->
+        de-normalised actions [H, A] float32 (numpy if proprio is numpy)."""
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction: expected a str, got {type(instruction).__name__}")
+        x, instr, prop, is_numpy = self._check(images, [instruction], proprio, batched=False)
+        return self._finish(self._run(x, instr, prop), is_numpy)[0]
+
+    def warmup(self, batch_size: int = 1, image_hw: tuple[int, int] | None = None,
+               instruction: str | None = None) -> float:
+        """Compile and capture the path for one input shape (default: the config's image size).
+        Returns the seconds it took."""
+        h, w = image_hw or (self.cfg.data.image_height, self.cfg.data.image_width)
+        t0 = time.perf_counter()
+        r = self._runner(batch_size, h, w)
+        if instruction is not None:
+            self._run(torch.zeros(batch_size, 3, h, w), [instruction] * batch_size,
+                      torch.zeros(batch_size, self.cfg.proprio_dim))
+        else:
+            r.run()
+        if self.fast.device.type == "cuda":
+            torch.cuda.synchronize(self.fast.device)
+        return time.perf_counter() - t0
+
+    @property
+    def device(self) -> torch.device:
+        return self.fast.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fast.dtype
+
+    def __repr__(self) -> str:
+        o = self.options
+        return (f"Policy(preset={self.cfg.name!r}, device={self.device}, dtype={self.dtype}, "
+                f"compile={o.compile}, cuda_graphs={o.cuda_graphs}, merge_lora={o.merge_lora}, "
+                f"truncate={o.truncate}, fold_pooling={o.fold_pooling}, single_frame_vae={o.single_frame_vae})")
