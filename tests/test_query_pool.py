@@ -100,7 +100,7 @@ def _assert_close_to_truth(got, truth, ref32, dtype, name):
     rtol, atol = TOLERANCES[dtype]
     truth = truth.detach().double()
     scale = max(1.0, float(truth.abs().max())) if truth.numel() else 1.0
-    noise = float((ref32.double() - truth).abs().max()) if truth.numel() else 0.0
+    noise = float((ref32.detach().double() - truth).abs().max()) if truth.numel() else 0.0
     torch.testing.assert_close(got.detach().double(), truth, rtol=rtol, atol=atol * scale + 2.0 * noise,
                                msg=lambda m: f"{name}: {m}")
 
@@ -361,6 +361,9 @@ def test_opcheck():
     y, stats, lse = torch.ops.lwam.query_pool([x.detach() for x in xs], A.detach(), w.detach(), 1e-5)
     torch.library.opcheck(torch.ops.lwam.query_pool_backward.default,
                           (torch.randn_like(y), [x.detach() for x in xs], A.detach(), w.detach(), stats, lse, 1e-5))
+    A_t = A.detach().transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous: fake strides must match
+    torch.library.opcheck(torch.ops.lwam.query_pool_backward.default,
+                          (torch.randn_like(y), [x.detach() for x in xs], A_t, w.detach(), stats, lse, 1e-5))
 
 
 def _compile_check(backend: str, with_backward: bool):

@@ -141,14 +141,14 @@ def _query_pool_backward_op(gy: Tensor, xs: list[Tensor], A: Tensor, w: Tensor, 
         w_ = w.detach().requires_grad_(True)
         y = query_pool_folded_reference(xs_, A_, w_, eps)
         grads = torch.autograd.grad(y, [*xs_, A_, w_], gy.to(y.dtype))
-    return torch.stack(grads[:-2]), grads[-2], grads[-1]
+    return torch.stack(grads[:-2]), grads[-2].contiguous(), grads[-1].contiguous()
 
 
 @_query_pool_backward_op.register_fake
 def _query_pool_backward_fake(gy, xs, A, w, stats, lse, eps):
     L = len(xs)
     gx = xs[0].new_empty((L, *xs[0].shape))
-    return gx, torch.empty_like(A), torch.empty_like(w)
+    return gx, A.new_empty(A.shape), w.new_empty(w.shape)  # contiguous, like the real outputs
 
 
 def _setup_context(ctx, inputs, output):
