@@ -30,7 +30,7 @@ def _fingerprint(windows: WindowDataset) -> str:
     parts = [str(windows.dataset.root.resolve()), ",".join(map(str, windows.episodes)),
              ",".join(map(str, windows.lengths.tolist())), ",".join(windows.video_keys), cfg.camera_layout,
              str(cfg.image_height), str(cfg.image_width), str(cfg.num_frames), str(cfg.frame_stride),
-             str(cfg.rotate_180)]
+             str(cfg.rotate_180), str(windows.window_stride)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

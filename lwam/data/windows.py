@@ -40,6 +40,7 @@ class WindowDataset(Dataset):
         frame_cache: "disk" (memory-mapped .npy per episode) or "memory" (LRU of decoded episodes).
         cache_dir: where the disk frame cache lives (default under the dataset root).
         max_cached_episodes: LRU bound on episodes held in memory (or open memmaps).
+        window_stride: windows start every ``window_stride`` frames of an episode (1: every frame).
 
     Item (dict):
         video          float32 [3, F, H, W] in [-1, 1]   (F = num_frames; frames t, t+s, ..., clamped)
@@ -53,7 +54,7 @@ class WindowDataset(Dataset):
     def __init__(self, dataset: LeRobotDataset | str | os.PathLike, cfg: Any,
                  normalizer: Normalizer | None = None, episodes: Sequence[int] | None = None,
                  frame_cache: str = "disk", cache_dir: str | os.PathLike | None = None,
-                 max_cached_episodes: int = 64):
+                 max_cached_episodes: int = 64, window_stride: int = 1):
         self.dataset = dataset if isinstance(dataset, LeRobotDataset) else LeRobotDataset(dataset)
         self.cfg = cfg
         ds = self.dataset
@@ -73,8 +74,12 @@ class WindowDataset(Dataset):
             raise ValueError(f"cfg.action_dim={cfg.action_dim} but dataset {ds.root} has action dim {a_dim}")
         if p_dim != cfg.proprio_dim:
             raise ValueError(f"cfg.proprio_dim={cfg.proprio_dim} but dataset {ds.root} has state dim {p_dim}")
+        if window_stride < 1:
+            raise ValueError(f"window_stride: expected >= 1, got {window_stride}")
+        self.window_stride = int(window_stride)
         self.lengths = np.array([ds.episode_length(e) for e in self.episodes], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.num_windows = -(-self.lengths // self.window_stride)  # windows per episode
+        self.starts = np.concatenate([[0], np.cumsum(self.num_windows)])
         self.action_offsets = np.arange(cfg.chunk_size)
         self.frame_offsets = np.arange(cfg.num_frames) * cfg.frame_stride
         tag = "_".join([cfg.camera_layout, f"{cfg.image_height}x{cfg.image_width}",
@@ -93,7 +98,7 @@ class WindowDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"window index {index} out of range [0, {len(self)})")
         pos = int(np.searchsorted(self.starts, index, side="right") - 1)
-        return self.episodes[pos], int(index - self.starts[pos])
+        return self.episodes[pos], int(index - self.starts[pos]) * self.window_stride
 
     # -- per-episode data -----------------------------------------------------------------
     def _episode_low(self, ep: int) -> dict[str, torch.Tensor]:

@@ -28,6 +28,14 @@ if os.environ.get("MUJOCO_GL") == "egl":
 
 import numpy as np  # noqa: E402
 
+# Triton's native library carries its own LLVM. Loaded after Mesa's software EGL (which links the
+# system LLVM) it segfaults on import, so load it first whenever it is installed: the model's fused
+# ops may import it later in the same process.
+try:  # noqa: SIM105
+    import triton.runtime  # noqa: E402,F401
+except ImportError:
+    pass
+
 COLLECT_SEED_START = 0
 EVAL_SEED_START = 1_000_000
 FPS = 80  # Meta-World control rate: frame_skip 5 x 2.5 ms

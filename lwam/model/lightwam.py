@@ -196,3 +196,28 @@ class LightWAM(nn.Module):
         ctx = self.context(self.text_context(batch, device), proprio.to(device))
         z = self.encode_video(images.to(device)[:, :, None])
         return self.action_pass(z, ctx)
+
+    @torch.no_grad()
+    def generate_future(self, latents: torch.Tensor, proprio: torch.Tensor, text_context: torch.Tensor | None = None,
+                        instruction: Sequence[str] | str | None = None, steps: int = 20,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample the future latent frames with the video branch (Euler on the shifted sigma grid).
+
+        latents [B, C, F, h, w] (full resolution; only frame 0 is read) -> predicted low-resolution
+        latents [B, C, F, h/f, w/f] with frame 0 = the clean downsampled conditioning frame. Decode with
+        ``self.vae.decode`` to look at them next to the real frames."""
+        device = self.proprio_encoder.weight.device
+        batch: dict[str, Any] = {"text_context": text_context} if text_context is not None else {
+            "instruction": [instruction] * latents.shape[0] if isinstance(instruction, str) else list(instruction)}
+        ctx = self.context(self.text_context(batch, device), proprio.to(device))
+        x0 = latent_downsample(latents.to(device).float(), self.cfg.train.video_downsample)
+        b, frames = x0.shape[0], x0.shape[2]
+        x = torch.randn(x0.shape, generator=generator, device=generator.device if generator else device).to(device)
+        x[:, :, 0] = x0[:, :, 0]
+        u = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        sig = self.flow.shift_sigma(u)
+        for i in range(steps):
+            t = torch.cat([torch.zeros(b, 1, device=device), (sig[i] * self.flow.T).expand(b, frames - 1)], dim=1)
+            v = self.dit(x, t, ctx, context_embedded=True).video.float()
+            x[:, :, 1:] = x[:, :, 1:] + (sig[i + 1] - sig[i]) * v[:, :, 1:]
+        return x

@@ -1,0 +1,193 @@
+"""``lwam demo``: the whole loop on Meta-World, end to end, on whatever machine it runs on.
+
+collect scripted-expert demos (LeRobot format) -> train the tiny preset's VAE on their frames -> cache
+latents -> train the tiny Light-WAM -> evaluate closed-loop on unseen seeds, with a blind-vision control
+-> report.json + figures (loss curves, predicted future frames next to the real ones, success per task,
+stage times).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lwam._logging import logger
+from lwam.config import get_preset
+
+
+@dataclass
+class DemoConfig:
+    tasks: tuple[str, ...] = ("button-press-topdown-v3", "drawer-open-v3")
+    episodes_per_task: int = 20
+    window_stride: int = 2
+    vae_steps: int = 400
+    train_steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    eval_episodes: int = 10
+    executed_steps: int = 8
+    max_steps: int = 200            # per evaluation episode
+    collect_max_steps: int = 200    # per expert episode
+    blind_control: bool = True
+    seed: int = 0
+    threads: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        """A minutes-long smoke variant for CI: same stages, tiny budgets (no success target)."""
+        return cls(tasks=("button-press-topdown-v3",), episodes_per_task=2, window_stride=8, vae_steps=4,
+                   train_steps=6, batch_size=4, eval_episodes=1, max_steps=24, collect_max_steps=150)
+
+
+class _Stages:
+    """Times each stage and logs it."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Ctx:
+            def __enter__(self):
+                logger.info(f"demo: {name} ...")
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stages.times[name] = round(time.perf_counter() - self.t0, 2)
+                if exc[0] is None:
+                    logger.info(f"demo: {name} done in {stages.times[name]:.1f}s")
+
+        return _Ctx()
+
+
+def run_demo(out_dir: str | Path, dcfg: DemoConfig | None = None, progress: bool = True,
+             device: str | None = None) -> dict[str, Any]:
+    from lwam.checkpoint import save_checkpoint
+    from lwam.envs.evaluate import evaluate
+    from lwam.envs.metaworld import collect_demos
+    from lwam.model.lightwam import LightWAM
+    from lwam.pipeline import cache_latents_stage, make_policy, make_windows, train_vae_stage
+    from lwam.plots import plot_future_frames, plot_stage_times, plot_success
+    from lwam.train import Trainer
+
+    dcfg = dcfg or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and dcfg.threads:
+        torch.set_num_threads(dcfg.threads)  # small ops: one intra-op thread is fastest on a few cores
+    torch.manual_seed(dcfg.seed)
+    stage = _Stages()
+    t_start = time.perf_counter()
+
+    cfg = get_preset("tiny").replace(**{"train.max_steps": dcfg.train_steps, "train.batch_size": dcfg.batch_size,
+                                        "train.lr": dcfg.lr, "train.seed": dcfg.seed,
+                                        "train.save_every": max(1, dcfg.train_steps // 3),
+                                        "train.warmup_steps": min(100, max(1, dcfg.train_steps // 10)),
+                                        "data.executed_steps": dcfg.executed_steps, **dcfg.overrides})
+    cfg.validate()
+
+    with stage("collect"):
+        col = collect_demos(list(dcfg.tasks), dcfg.episodes_per_task, out / "dataset", cameras=cfg.data.cameras,
+                            size=cfg.data.image_height, seed=dcfg.seed, max_steps=dcfg.collect_max_steps,
+                            progress=progress)
+    with stage("windows"):
+        windows, stats = make_windows(out / "dataset", cfg, window_stride=dcfg.window_stride, progress=progress)
+    model = LightWAM(cfg).to(device)
+    with stage("train_vae"):
+        vae_metrics = train_vae_stage(model, windows, out / "vae", steps=dcfg.vae_steps, progress=progress,
+                                      seed=dcfg.seed)
+    with stage("cache_latents"):
+        train_set = cache_latents_stage(model, windows, out / "latents.npy", progress=progress)
+    with stage("train"):
+        trainer = Trainer(model, train_set, out / "train", stats=stats, device=device, progress=progress)
+        tr = trainer.train(dcfg.train_steps)
+    ckpt = save_checkpoint(model, out / "checkpoint", stats=stats)
+
+    with stage("future_frames"):
+        frames_png = _future_frames_figure(model, windows, train_set, out / "future_frames.png")
+
+    with stage("build_policy"):
+        # Build and warm up (compile) the policy on a real observation, so that the evaluation's
+        # query latency is the steady-state one.
+        from lwam.envs.metaworld import MetaWorldTask
+        policy = make_policy(model, stats, device=device)
+        with MetaWorldTask(dcfg.tasks[0], cameras=cfg.data.cameras, size=cfg.data.image_height) as env:
+            policy(env.reset(seed=0))
+    results: dict[str, Any] = {}
+    with stage("eval"):
+        results["policy"] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes, executed_steps=dcfg.executed_steps,
+                                     max_steps=dcfg.max_steps, video_dir=out / "videos", progress=progress,
+                                     cameras=cfg.data.cameras, size=cfg.data.image_height)
+    if dcfg.blind_control:
+        with stage("eval_blind"):
+            results["blind"] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes,
+                                        executed_steps=dcfg.executed_steps, max_steps=dcfg.max_steps, blind=True,
+                                        progress=progress, cameras=cfg.data.cameras, size=cfg.data.image_height)
+
+    plot_success(results["policy"]["success"], results.get("blind", {}).get("success"), out / "success.png")
+    wall = round(time.perf_counter() - t_start, 2)
+    plot_stage_times(stage.times, out / "stage_times.png")
+    report = {
+        "tasks": list(dcfg.tasks),
+        "success": results["policy"]["success"],
+        "success_rate": results["policy"]["success_rate"],
+        "blind_success": results.get("blind", {}).get("success"),
+        "blind_success_rate": results.get("blind", {}).get("success_rate"),
+        "eval_episodes_per_task": dcfg.eval_episodes,
+        "eval_seed_start": results["policy"]["seed_start"],
+        "mean_action_query_latency_ms": results["policy"]["query_latency_ms"],
+        "policy_kind": "lwam.inference.Policy" if type(policy).__name__ == "ObservationPolicy" else "eager",
+        "stage_seconds": stage.times,
+        "wall_seconds": wall,
+        "demos": {k: v for k, v in col.items() if k != "path"},
+        "windows": len(windows),
+        "vae": {k: vae_metrics.get(k) for k in ("recon_l1", "recon_mse", "psnr", "seconds")},
+        "train": {"steps": tr["step"], "steps_per_s": tr["steps_per_s"], "final": tr["metrics"]},
+        "trainable_parameters": sum(p.numel() for _, p in model.trainable_parameters()),
+        "checkpoint": str(ckpt),
+        "figures": {"loss": str(out / "train" / "loss.png"), "future_frames": str(frames_png),
+                    "success": str(out / "success.png"), "stage_times": str(out / "stage_times.png")},
+        "config": dataclasses.asdict(dcfg),
+        "device": device if device != "cuda" else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(out / "report.json")
+    return report
+
+
+@torch.no_grad()
+def _future_frames_figure(model, windows, train_set, path: Path, n: int = 3) -> Path:
+    """Decode the video branch's predicted future frames next to the real frames, for n windows."""
+    from lwam.plots import plot_future_frames
+
+    model.eval()
+    picks = torch.linspace(0, len(train_set) - 1, n).long().tolist()
+    g = torch.Generator().manual_seed(0)
+    reals, preds, titles = [], [], []
+    f = model.cfg.train.video_downsample
+    for i in picks:
+        item = train_set[i]
+        lat = item["latents"][None].to(model.proprio_encoder.weight.device)
+        pred = model.generate_future(lat, item["proprio"][None], instruction=item["instruction"], steps=16,
+                                     generator=g)
+        video = model.vae.decode(pred).float().cpu()                 # [1, 3, T, H/f, W/f]
+        real = windows.get(i, video=True)["video"][None]              # [1, 3, T, H, W]
+        real = torch.nn.functional.avg_pool3d(real, (1, f, f))
+        reals.append(real)
+        preds.append(video)
+        titles.append(item["instruction"][:24])
+    model.train()
+    return plot_future_frames(torch.cat(reals), torch.cat(preds), path, titles)
