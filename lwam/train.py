@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from lwam._logging import logger
-from lwam.checkpoint import load_trainer_state, save_checkpoint
+from lwam.checkpoint import atomic_write_bytes, load_trainer_state, save_checkpoint
 from lwam.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -105,6 +106,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
         self.autocast = self.device.type == "cuda" and self.cfg.mixed_precision == "bf16"
         self.wrapped = self._wrap(fsdp)
+        if self.rank == 0:
+            self._clean_partial_checkpoints()
+        if self.world > 1:
+            dist.barrier()  # no rank lists checkpoints while rank 0 is still tidying them
         if resume:
             self.resume()
 
@@ -131,6 +136,22 @@ class Trainer:
         d = self.out_dir / CHECKPOINT_DIR
         return sorted(p for p in d.glob("step_*") if p.is_dir()) if d.is_dir() else []
 
+    def _clean_partial_checkpoints(self) -> None:
+        """Tidy what a run killed inside :func:`~lwam.checkpoint.atomic_write_dir` left behind: a
+        half-written ``.step_N.tmp-*`` is deleted; a complete ``.step_N.old-*`` (killed between its two
+        renames) is put back as ``step_N`` if that is missing, else deleted."""
+        d = self.out_dir / CHECKPOINT_DIR
+        if not d.is_dir():
+            return
+        for p in sorted(d.glob(".step_*.tmp-*")):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in sorted(d.glob(".step_*.old-*")):
+            final = d / p.name[1:].split(".old-")[0]
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, final)
+
     def save(self) -> Path | None:
         if self.rank != 0:
             return None
@@ -143,7 +164,7 @@ class Trainer:
         }
         path = save_checkpoint(self.model, self.out_dir / CHECKPOINT_DIR / f"step_{self.step:07d}",
                                stats=self.stats, trainer_state=state)
-        (self.out_dir / "latest").write_text(path.name)
+        atomic_write_bytes(self.out_dir / "latest", path.name.encode())
         return path
 
     def resume(self) -> bool:
@@ -179,11 +200,18 @@ class Trainer:
 
     def _attach_noise(self, batch: dict[str, Any], step: int, offset: int) -> None:
         """Per-sample flow noise from a generator of (seed, step), sliced for this rank."""
-        if "latents" not in batch:
+        mcfg = self.model.cfg
+        f = mcfg.train.video_downsample
+        if "latents" in batch:
+            b, c, t, h, w = batch["latents"].shape
+        elif "video" in batch and batch["video"].dim() == 5:
+            # Raw frames: the noise takes the shape of the latents the VAE will give.
+            vae = mcfg.vae
+            b, _, frames, hh, ww = batch["video"].shape
+            c, t = vae.z_dim, 1 + (frames - 1) // vae.temporal_factor
+            h, w = hh // vae.spatial_factor, ww // vae.spatial_factor
+        else:
             return
-        lat = batch["latents"]
-        f = self.model.cfg.train.video_downsample
-        b, c, t, h, w = lat.shape
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
         gb = self.cfg.batch_size
         u = torch.rand(gb, generator=g)
@@ -250,7 +278,14 @@ class Trainer:
     @staticmethod
     def _truncate_metrics(path: Path, step: int) -> None:
         """Drop metric lines past the resumed step (written after the last checkpoint of a killed run)."""
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:  # blank, or cut short by a kill in the middle of a write
+                continue
+            if isinstance(row, dict) and row.get("step", math.inf) <= step:
+                keep.append(ln)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, path)
