@@ -469,6 +469,11 @@ class Policy:
             self.add_instruction(k, v)
         self._runners: dict[tuple[int, int, int], _Runner] = {}
         self._pool = None
+        if normalizer is None:
+            # Logged here, not at the first query: dynamo guards on lwam._logging's set of logged keys
+            # (log_once runs inside traced code), so a key first logged after warm-up would recompile.
+            log_once("policy.no-stats", "Policy: no normalisation statistics; predict() returns normalised "
+                     "actions and takes normalised proprio")
         self._fn = self._compile(fullgraph=True) if options.compile else fast
 
     def _compile(self, fullgraph: bool):
@@ -658,8 +663,6 @@ class Policy:
         if self.normalizer is not None:
             from lwam.data.lerobot import ACTION_KEY
             out = self.normalizer.invert(ACTION_KEY, out)
-        else:
-            log_once("policy.no-stats", "Policy: no normalisation statistics; returning normalised actions")
         return out.numpy() if is_numpy else out
 
     @torch.no_grad()
