@@ -192,13 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--no-progress", action="store_true")
     dm.set_defaults(func=_cmd_demo)
 
-    try:
-        from lwam.bench_latency import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        bench = sub.add_parser("bench", help="benchmarks")
-        add_bench_parser(bench.add_subparsers(dest="bench", required=True))
+    from lwam.bench_latency import add_bench_parser
+    add_bench_parser(sub)
     return p
 
 
