@@ -7,8 +7,9 @@ Measures, for batch ``B`` at the preset's image size:
 * each stage -- VAE encode, context (text lookup + proprio token + embedding), backbone (up to the last
   tapped layer), expert (pooling + head) -- for both. The Policy's stages are its transformed modules,
   each compiled on its own when the policy compiles on CUDA, else run eagerly (stated in the output);
-* median, p10 and p90 in milliseconds over ``iters`` timed calls after ``warmup`` calls. CUDA timings use
-  events around each call and synchronise; CPU timings use ``time.perf_counter``;
+* median, p10 and p90 in milliseconds over ``iters`` timed calls after ``warmup`` calls, eager and policy
+  calls alternating (a shared machine's load then hits both alike). CUDA timings use events around each
+  call and synchronise; CPU timings use ``time.perf_counter``;
 * peak memory on CUDA: ``torch.cuda.max_memory_allocated`` of each side measured alone (the policy is
   built and timed before the eager model is moved to the GPU; the eager number excludes the resident
   policy), and the device's used memory from NVML (nvidia-ml-py) when available;
@@ -21,7 +22,6 @@ import argparse
 import importlib.metadata
 import json
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -96,6 +96,38 @@ def time_fn(fn: Callable[[], Any], device: torch.device, iters: int = 20, warmup
             "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean()), "iters": len(times)}
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, iters: int = 20,
+                     warmup: int = 3) -> dict[str, dict[str, float]]:
+    """Like :func:`time_fn` for several functions whose calls alternate (a, b, a, b, ...), so that a
+    shared machine's load drifts affect every side alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    for _ in range(iters):
+        for name, fn in fns.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        a = np.asarray(ts)
+        out[name] = {"median_ms": float(np.median(a)), "p10_ms": float(np.percentile(a, 10)),
+                     "p90_ms": float(np.percentile(a, 90)), "mean_ms": float(a.mean()), "iters": len(ts)}
+    return out
+
+
 def _eager_stages(model, images: torch.Tensor, proprio: torch.Tensor, dev: torch.device) -> dict[str, Callable]:
     """Closures for each stage of the eager model; inputs of later stages come from a first pass."""
     cfg = model.cfg
@@ -152,8 +184,10 @@ def _policy_stages(policy, images: torch.Tensor, proprio: torch.Tensor, compiled
 
 def run_latency(preset: str | None = None, checkpoint: str | None = None, device: str | None = None,
                 iters: int = 20, warmup: int = 3, batch_size: int = 1, compile: bool = True,
-                stages: bool = True, seed: int = 0) -> dict[str, Any]:
+                stages: bool = True, seed: int = 0, threads: int | None = None) -> dict[str, Any]:
     """Run the side-by-side latency benchmark and return a JSON-able record (see the module docstring)."""
+    if threads:
+        torch.set_num_threads(threads)
     from lwam.config import get_preset
     from lwam.inference import Policy
     from lwam.model.lightwam import LightWAM
@@ -197,19 +231,13 @@ def run_latency(preset: str | None = None, checkpoint: str | None = None, device
     policy.predict_batch(images, [INSTRUCTION] * b, proprio)
     record["policy_build_and_warmup_s"] = time.perf_counter() - t0
     query = lambda: policy.predict_batch(images, [INSTRUCTION] * b, proprio)  # noqa: E731
-    res: dict[str, dict[str, Any]] = {"eager": {}, "policy": {}}
-    res["policy"]["query"] = time_fn(query, dev, iters, warmup)
     if dev.type == "cuda":
+        query()
         torch.cuda.synchronize(dev)
         record["policy_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - mem0
         record["policy_nvml_used_bytes"] = _nvml_used(dev)
-    if stages:
-        compiled_stages = compile and dev.type == "cuda"
-        record["policy_stages_compiled"] = compiled_stages
-        for name, fn in _policy_stages(policy, images, proprio, compiled_stages).items():
-            res["policy"][name] = time_fn(fn, dev, iters, warmup)
 
-    # --- eager model ------------------------------------------------------------------------------
+    # --- eager model (the policy stays resident; its bytes are subtracted) -------------------------
     norm_prop = proprio
     if policy.normalizer is not None:
         from lwam.data.lerobot import STATE_KEY
@@ -224,14 +252,24 @@ def run_latency(preset: str | None = None, checkpoint: str | None = None, device
         with torch.no_grad():
             return model.predict_actions(images.to(dev), norm_prop.to(dev), instruction=[INSTRUCTION] * b).float().cpu()
 
-    res["eager"]["query"] = time_fn(eager_query, dev, iters, warmup)
     if dev.type == "cuda":
+        eager_query()
         torch.cuda.synchronize(dev)
         record["eager_peak_bytes"] = torch.cuda.max_memory_allocated(dev) - resident
         record["eager_nvml_used_bytes"] = _nvml_used(dev)
+
+    # --- timings, eager and policy calls alternating -----------------------------------------------
+    res: dict[str, dict[str, Any]] = {"eager": {}, "policy": {}}
+    t = time_interleaved({"eager": eager_query, "policy": query}, dev, iters, warmup)
+    res["eager"]["query"], res["policy"]["query"] = t["eager"], t["policy"]
     if stages:
-        for name, fn in _eager_stages(model, images, norm_prop, dev).items():
-            res["eager"][name] = time_fn(fn, dev, iters, warmup)
+        compiled_stages = compile and dev.type == "cuda"
+        record["policy_stages_compiled"] = compiled_stages
+        pst = _policy_stages(policy, images, proprio, compiled_stages)
+        est = _eager_stages(model, images, norm_prop, dev)
+        for name in est:
+            t = time_interleaved({"eager": est[name], "policy": pst[name]}, dev, iters, warmup)
+            res["eager"][name], res["policy"][name] = t["eager"], t["policy"]
     record["results"] = res
     record["speedup_median"] = res["eager"]["query"]["median_ms"] / res["policy"]["query"]["median_ms"]
     return record
@@ -268,7 +306,7 @@ def format_record(rec: dict[str, Any]) -> str:
 def _cmd_bench_latency(args: argparse.Namespace) -> int:
     rec = run_latency(preset=args.preset, checkpoint=args.checkpoint, device=args.device, iters=args.iters,
                       warmup=args.warmup, batch_size=args.batch_size, compile=not args.no_compile,
-                      stages=not args.no_stages)
+                      stages=not args.no_stages, threads=args.threads)
     text = json.dumps(rec, indent=2, default=str)
     if args.out:
         tmp = Path(args.out).with_suffix(".tmp")
@@ -290,6 +328,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     lat.add_argument("--iters", type=int, default=20)
     lat.add_argument("--warmup", type=int, default=3)
     lat.add_argument("--batch-size", type=int, default=1)
+    lat.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     lat.add_argument("--no-compile", action="store_true", help="Policy without torch.compile / CUDA graphs")
     lat.add_argument("--no-stages", action="store_true", help="time only the whole query")
     lat.add_argument("--json", action="store_true", help="print the JSON record instead of the table")

@@ -411,9 +411,7 @@ class _Runner:
         if opts.compile:
             try:
                 self.policy._fn(*self.args())
-            except Exception as e:  # a graph break somewhere: compile the rest around it
-                if "fullgraph" not in str(e) and "graph break" not in str(e).lower():
-                    raise
+            except torch._dynamo.exc.Unsupported as e:  # a graph break somewhere: compile around it
                 log_once("policy.graph-break", f"Policy: the action path does not compile as one graph "
                          f"({type(e).__name__}: {str(e).splitlines()[0]}); compiling with graph breaks")
                 self.policy._fn = self.policy._compile(fullgraph=False)

@@ -254,3 +254,28 @@ def test_bf16_policy_close_to_fp32_eager(model):
     images, instr, proprio = _inputs(model.cfg, 1, seed=30)
     assert_close(pol.predict_batch(images, instr, proprio), _eager(model, images, instr, proprio),
                  dtype=torch.bfloat16)
+
+
+def test_bench_latency_cli_tiny(capsys):
+    """`lwam bench latency` machinery on the tiny preset (no timing assertions)."""
+    import argparse
+    import json
+
+    from lwam.bench_latency import add_bench_parser
+
+    p = argparse.ArgumentParser(prog="lwam")
+    add_bench_parser(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(["bench", "latency", "--preset", "tiny", "--device", "cpu", "--iters", "2",
+                         "--warmup", "1", "--no-compile", "--json"])
+    assert args.func(args) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["preset"] == "tiny" and rec["weights"].startswith("random weights")
+    for side in ("eager", "policy"):
+        assert set(rec["results"][side]) == {"query", "vae_encode", "context", "backbone", "expert"}
+        assert all(r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] for r in rec["results"][side].values())
+    assert rec["torch"] == torch.__version__ and "commit" in rec
+    args = p.parse_args(["bench", "latency", "--device", "cpu", "--iters", "1", "--warmup", "0",
+                         "--no-compile", "--no-stages"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "random weights" in out and "speed-up" in out
