@@ -91,7 +91,10 @@ class ChannelRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        # Same as F.normalize(x, dim=1) (eps 1e-12 on the norm), but a sum of squares reduces over the
+        # strided channel dim several times faster than linalg.vector_norm on CPU.
+        inv = torch.rsqrt(x.float().square().sum(dim=1, keepdim=True).clamp_min(1e-24)).to(x.dtype)
+        return x * inv * (self.scale * self.gamma)
 
 
 class ResidualBlock(nn.Module):
@@ -105,6 +108,10 @@ class ResidualBlock(nn.Module):
             ChannelRMSNorm(out_dim), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+        # Start as (shortcut-)identity: irrelevant for loaded weights, but a VAE trained from scratch
+        # (tiny preset) converges much faster in its first few hundred steps.
+        nn.init.zeros_(self.residual[6].weight)
+        nn.init.zeros_(self.residual[6].bias)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         h = self.shortcut(x)
