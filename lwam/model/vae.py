@@ -437,7 +437,7 @@ class WanVAE(nn.Module):
         """
         self.check_latent(z)
         mu = self.denormalize_latent(z.to(self._param_dtype()))
-        return self._decode_raw(mu, chunked).clamp_(-1.0, 1.0)
+        return self._decode_raw(mu, chunked).clamp(-1.0, 1.0)
 
     def forward(self, video: torch.Tensor, sample_posterior: bool = False, chunked: bool = False,
                 generator: torch.Generator | None = None) -> VAEOutput:
