@@ -31,8 +31,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
             from xformers.ops import memory_efficient_attention
             log_once("attn-backend", "attention backend: xformers")
             return memory_efficient_attention(q, k, v)
-    log_once("attn-backend", "attention backend: torch SDPA"
-             + ("" if q.is_cuda else " (CPU)") + ("" if (_FLASH or _XFORMERS) else "; flash-attn/xformers not installed"))
+    if not torch.compiler.is_compiling():  # (inside a compiled block the choice is always SDPA; no graph break)
+        log_once("attn-backend", "attention backend: torch SDPA"
+                 + ("" if q.is_cuda else " (CPU)")
+                 + ("" if (_FLASH or _XFORMERS) else "; flash-attn/xformers not installed"))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 

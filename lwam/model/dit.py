@@ -21,7 +21,7 @@ from torch import nn
 from lwam.config import AdapterConfig, DiTConfig, LoRAConfig
 from lwam.model.attention import first_frame_causal_attention, dense_attention
 from lwam.model.lora import LoRA, linear_with_lora
-from lwam.model.rope import apply_rope, rope_cos_sin
+from lwam.model.rope import apply_rope, rope_cos_sin, rope_freqs_complex
 
 
 class RMSNorm(nn.Module):
@@ -201,6 +201,11 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.adapter_layers: tuple[int, ...] = tuple(adapter.layers) if adapter is not None else ()
         self.wam_adapters = nn.ModuleDict({str(l): ResidualAdapter(d, adapter) for l in self.adapter_layers})
+        # RoPE switches (lwam.model.fast): "real" = fp32 (cos, sin) tables, "complex" = the published
+        # complex128 table; ``rope_cache`` keeps the tables per (impl, grid, device) instead of rebuilding them.
+        self.rope_impl = "real"
+        self.rope_cache = False
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -216,6 +221,23 @@ class WanDiT(nn.Module):
         nn.init.zeros_(self.head.head.weight)
 
     # --- pieces ------------------------------------------------------------------------------
+    def rope_tables(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoPE tables for a (F, Hp, Wp) grid: (cos, sin) [S, head_dim/2] fp32 (``rope_impl="real"``) or
+        (freqs [S, head_dim/2] complex128, None) (``"complex"``); cached when ``rope_cache``."""
+        key = (self.rope_impl, tuple(grid), str(device))
+        if self.rope_cache and key in self._rope_tables:
+            return self._rope_tables[key]
+        c = self.cfg
+        if self.rope_impl == "real":
+            tables = rope_cos_sin(grid, c.head_dim, c.rope_theta, device=device)
+        elif self.rope_impl == "complex":
+            tables = (rope_freqs_complex(grid, c.head_dim, c.rope_theta, device=device), None)
+        else:
+            raise ValueError(f"rope_impl must be 'real' or 'complex', got {self.rope_impl!r}")
+        if self.rope_cache and not torch.is_inference_mode_enabled():  # inference tensors cannot serve autograd
+            self._rope_tables[key] = tables
+        return tables
+
     def embed_context(self, context: torch.Tensor) -> torch.Tensor:
         """context [B, Lc, text_dim] -> [B, Lc, D]."""
         return self.text_embedding(context)
@@ -262,7 +284,7 @@ class WanDiT(nn.Module):
         self.check_latents(latents, timesteps)
         x, grid = self.patchify(latents)
         n0 = grid[1] * grid[2]  # tokens of latent frame 0
-        cos, sin = rope_cos_sin(grid, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)
+        cos, sin = self.rope_tables(grid, x.device)
         e, e6 = self.time_embed(timesteps)
         ctx = context if context_embedded else self.embed_context(context.to(self.text_embedding[0].weight.dtype))
         last = len(self.blocks) - 1 if stop_after is None else stop_after

@@ -21,6 +21,7 @@ from lwam.model.flow import FlowMatching
 from lwam.model.text import TextContextCache, make_text_encoder
 from lwam.model.vae import WanVAE
 from lwam.ops.latent_downsample import latent_downsample
+from lwam.reference.latent_downsample import latent_downsample as reference_latent_downsample
 
 def _is_trainable_dit_param(name: str) -> bool:
     """LoRA, adapters and the future-video head train when the pretrained DiT is frozen."""
@@ -39,6 +40,8 @@ class LightWAM(nn.Module):
         self.vae = WanVAE(cfg.vae) if build_vae else None
         self.flow = FlowMatching(cfg.flow)
         self.text = TextContextCache(cfg.text, make_text_encoder(cfg.text))
+        # True: the video pass downsamples with the plain F.avg_pool3d reference (lwam.model.fast switch).
+        self.reference_downsample = False
         self.apply_freezing()
 
     # --- what trains ---------------------------------------------------------------------------
@@ -108,7 +111,8 @@ class LightWAM(nn.Module):
         """latents [B, C, F, h, w] (full resolution) -> (weighted flow loss, metrics). ``noise``: optional
         (eps [B, C, F, h/f, w/f], u [B]) so that a trainer can draw noise per sample, independent of sharding."""
         b = latents.shape[0]
-        x0 = latent_downsample(latents, self.cfg.train.video_downsample)
+        downsample = reference_latent_downsample if self.reference_downsample else latent_downsample
+        x0 = downsample(latents, self.cfg.train.video_downsample)
         if noise is None:
             eps = torch.randn_like(x0)
             sigma, t = self.flow.sample(b, device=x0.device)
