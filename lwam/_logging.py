@@ -15,8 +15,11 @@ _seen: set[str] = set()
 
 
 def log_once(key: str, message: str, level: int = logging.INFO) -> None:
-    """Log ``message`` the first time ``key`` is seen in this process."""
-    if key in _seen:
+    """Log ``message`` the first time ``key`` is seen in this process. Silent while torch.compile traces:
+    the set of seen keys would otherwise become a guard, and a key first seen later would recompile."""
+    import torch
+
+    if key in _seen or torch.compiler.is_compiling():
         return
     _seen.add(key)
     logger.log(level, message)

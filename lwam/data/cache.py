@@ -145,7 +145,7 @@ class CachedWindowDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         out = self.windows.get(index, video=False)
-        out["latents"] = torch.from_numpy(np.asarray(self.latents[index], dtype=np.float32))
+        out["latents"] = torch.from_numpy(np.array(self.latents[index], dtype=np.float32))  # a copy: the memmap is read-only
         return out
 
 
