@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lwam._atomic import atomic_path
 from lwam.config import LightWAMConfig
 
 CONFIG_FILE = "config.json"
@@ -46,11 +47,8 @@ def atomic_write_dir(path: str | os.PathLike, fill) -> Path:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_checkpoint(model, path: str | os.PathLike, *, stats: dict | None = None,

@@ -26,8 +26,9 @@ class DemoConfig:
     tasks: tuple[str, ...] = ("button-press-topdown-v3", "drawer-open-v3")
     episodes_per_task: int = 20
     window_stride: int = 2
-    vae_steps: int = 400
-    train_steps: int = 1500
+    vae_steps: int = 150
+    vae_batch_size: int = 4
+    train_steps: int = 3000
     batch_size: int = 16
     lr: float = 1e-3
     eval_episodes: int = 10
@@ -103,8 +104,8 @@ def run_demo(out_dir: str | Path, dcfg: DemoConfig | None = None, progress: bool
         windows, stats = make_windows(out / "dataset", cfg, window_stride=dcfg.window_stride, progress=progress)
     model = LightWAM(cfg).to(device)
     with stage("train_vae"):
-        vae_metrics = train_vae_stage(model, windows, out / "vae", steps=dcfg.vae_steps, progress=progress,
-                                      seed=dcfg.seed)
+        vae_metrics = train_vae_stage(model, windows, out / "vae", steps=dcfg.vae_steps,
+                                      batch_size=dcfg.vae_batch_size, progress=progress, seed=dcfg.seed)
     with stage("cache_latents"):
         train_set = cache_latents_stage(model, windows, out / "latents.npy", progress=progress)
     with stage("train"):

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from lwam._atomic import atomic_path
 from lwam._logging import logger
 from lwam.checkpoint import atomic_write_bytes, load_trainer_state, save_checkpoint
 from lwam.config import TrainConfig
@@ -286,9 +287,8 @@ class Trainer:
                 continue
             if isinstance(row, dict) and row.get("step", math.inf) <= step:
                 keep.append(ln)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(ln + "\n" for ln in keep))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from lwam._atomic import atomic_path
 from lwam.config import VAEConfig
 from lwam.model.vae import WanVAE
 
@@ -124,13 +125,8 @@ def save_vae_checkpoint(vae: WanVAE, path: str | os.PathLike, step: int | None =
     }
     if step is not None:
         meta["step"] = str(step)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

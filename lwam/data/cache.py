@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lwam._atomic import atomic_path
 from lwam.data.lerobot import atomic_write_json
 from lwam.data.windows import WindowDataset, collate_windows
 
@@ -178,15 +179,9 @@ def build_text_cache(instructions: Sequence[str],
             ctxs.append(ctx.detach().cpu().float())
             masks.append(mask.detach().cpu().bool())
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({"context": torch.cat(ctxs).contiguous(), "mask": torch.cat(masks).contiguous()}, str(tmp),
                   metadata={"instructions": json.dumps(instructions)})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from lwam._atomic import atomic_path
 from lwam._logging import log_once
 
 CODEBASE_VERSION = "v2.1"
@@ -47,26 +47,12 @@ class VideoDecodeError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # atomic file helpers
 # --------------------------------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory and rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -129,11 +115,8 @@ def encode_video(frames: np.ndarray, path: str | os.PathLike, fps: float, crf: i
         raise ValueError("frames: expected at least one frame, got T=0")
     if h % 2 or w % 2:
         raise ValueError(f"frames: H and W must be even for yuv420p, got H={h} W={w}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mp4")
     codec = video_codec()
-    try:
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -147,10 +130,6 @@ def encode_video(frames: np.ndarray, path: str | os.PathLike, fps: float, crf: i
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def decode_video(path: str | os.PathLike, expected_frames: int | None = None,
@@ -363,13 +342,8 @@ class LeRobotWriter:
         })
         data_path = self.root / DATA_PATH.format(episode_chunk=chunk, episode_index=ep)
         data_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(data_path)
-        try:
+        with atomic_path(data_path) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, data_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
         stats = {STATE_KEY: _array_stats(states), ACTION_KEY: _array_stats(actions),
                  "timestamp": _array_stats((frame_index / self.fps)[:, None]),

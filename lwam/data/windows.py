@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from lwam._atomic import atomic_path
 import torch
 from torch.utils.data import Dataset
 
@@ -148,14 +150,8 @@ class WindowDataset(Dataset):
                     arr = None
             if arr is None:
                 frames = self._decode_composed(ep)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-                try:
+                with atomic_path(path) as tmp:
                     np.save(tmp, frames)
-                    os.replace(tmp, path)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
                 arr = np.load(path, mmap_mode="r")
         else:
             arr = self._decode_composed(ep)

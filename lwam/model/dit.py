@@ -45,8 +45,10 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).float()
 
 
-class SelfAttention(nn.Module):
-    """Self-attention with q/k RMSNorm over D, 3D RoPE and the first-frame-causal mask."""
+class _Attention(nn.Module):
+    """q, k, v, o projections (with their LoRA pairs) and q/k RMSNorm over D, shared by both attentions."""
+
+    lora_prefix = ""
 
     def __init__(self, cfg: DiTConfig, lora: LoRAConfig | None):
         super().__init__()
@@ -55,7 +57,16 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.norm_q = RMSNorm(d, cfg.eps)
         self.norm_k = RMSNorm(d, cfg.eps)
-        _add_lora(self, "self_attn", d, d, lora)
+        _add_lora(self, self.lora_prefix, d, d, lora)
+
+
+class SelfAttention(_Attention):
+    """Self-attention with q/k RMSNorm over D, 3D RoPE and the first-frame-causal mask."""
+
+    lora_prefix = "self_attn"
+
+    def __init__(self, cfg: DiTConfig, lora: LoRAConfig | None):
+        super().__init__(cfg, lora)
         self.attn_impl = "split"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n0: int) -> torch.Tensor:
@@ -69,17 +80,10 @@ class SelfAttention(nn.Module):
         return linear_with_lora(self.o, getattr(self, "lora_o", None), y)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Attention):
     """Cross-attention from tokens [B, S, D] to the embedded context [B, Lc, D]."""
 
-    def __init__(self, cfg: DiTConfig, lora: LoRAConfig | None):
-        super().__init__()
-        d = cfg.dim
-        self.num_heads = cfg.num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.norm_q = RMSNorm(d, cfg.eps)
-        self.norm_k = RMSNorm(d, cfg.eps)
-        _add_lora(self, "cross_attn", d, d, lora)
+    lora_prefix = "cross_attn"
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape

@@ -16,6 +16,7 @@ import torch
 
 from lwam._logging import log_once
 from lwam.ops import _extension
+from lwam.reference import latent_downsample as _reference
 from lwam.reference.latent_downsample import latent_downsample as reference_latent_downsample
 
 __all__ = ["latent_downsample", "implementation"]
@@ -34,15 +35,7 @@ def _check(x: torch.Tensor, factor: int) -> None:
     if isinstance(factor, bool) or not isinstance(factor, int):
         raise TypeError(f"latent_downsample: expected factor to be an int, got {type(factor).__name__} "
                         f"({factor!r})")
-    if x.dim() != 5:
-        raise ValueError(f"latent_downsample: expected x of rank 5 [B, C, T, H, W], got shape {list(x.shape)} "
-                         f"(rank {x.dim()}) with factor {factor}")
-    if factor <= 0:
-        raise ValueError(f"latent_downsample: factor must be a positive integer, got factor {factor} "
-                         f"for x of shape {list(x.shape)}")
-    if x.shape[3] % factor != 0 or x.shape[4] % factor != 0:
-        raise ValueError(f"latent_downsample: H and W of x must be divisible by factor {factor}, got x of shape "
-                         f"{list(x.shape)} (H={x.shape[3]}, W={x.shape[4]})")
+    _reference.check_args(x, factor)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"latent_downsample: expected x of dtype float32, float16, bfloat16 or float64, "
                         f"got {x.dtype}")

@@ -11,6 +11,13 @@ def latent_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     Computed with ``F.avg_pool3d(kernel_size=(1, f, f))`` in fp32 (fp64 stays fp64) and cast back to
     ``x.dtype``. Any strides. H and W must be divisible by ``factor``; differentiable through autograd.
     """
+    check_args(x, factor)
+    compute = x if x.dtype == torch.float64 else x.float()
+    return F.avg_pool3d(compute, kernel_size=(1, factor, factor)).to(x.dtype)
+
+
+def check_args(x: torch.Tensor, factor: int) -> None:
+    """Shape checks shared by the reference and the op; messages name the shape and the factor."""
     if x.dim() != 5:
         raise ValueError(f"latent_downsample: expected x of rank 5 [B, C, T, H, W], got shape {list(x.shape)} "
                          f"(rank {x.dim()}) with factor {factor}")
@@ -20,5 +27,3 @@ def latent_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     if x.shape[-2] % factor or x.shape[-1] % factor:
         raise ValueError(f"latent_downsample: H and W of x must be divisible by factor {factor}, got x of shape "
                          f"{list(x.shape)} (H={x.shape[-2]}, W={x.shape[-1]})")
-    compute = x if x.dtype == torch.float64 else x.float()
-    return F.avg_pool3d(compute, kernel_size=(1, factor, factor)).to(x.dtype)
