@@ -64,6 +64,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dit:
         from lwam.model.weights import load_wan_dit
         load_wan_dit(model.dit, args.dit)
+    if args.text_cache:
+        from lwam.data.cache import TextCache
+        cache = TextCache.load(args.text_cache)
+        for instruction in cache.instructions:
+            model.text.add(instruction, cache[instruction][0])
     train_set = cache_latents_stage(model, windows, out / "latents.npy", progress=not args.no_progress)
     trainer = Trainer(model, train_set, out, stats=stats, progress=not args.no_progress)
     res = trainer.train()
@@ -162,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out")
     tr.add_argument("--vae", help="VAE weights: vae.safetensors from `lwam train vae`, or Wan2.1_VAE.pth")
     tr.add_argument("--dit", help="Wan2.1 DiT diffusion_pytorch_model.safetensors (paper preset)")
+    tr.add_argument("--text-cache", help="text contexts of the dataset's instructions (safetensors, "
+                                         "lwam.data.cache.build_text_cache); presets with a built-in encoder need none")
     tr.add_argument("--steps", type=int)
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--lr", type=float)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ class DemoConfig:
     collect_max_steps: int = 200    # per expert episode
     blind_control: bool = True
     seed: int = 0
-    threads: int = 1
+    threads: int = 1                 # intra-op threads for the small-op stages (training, evaluation)
+    conv_threads: int | None = None  # for the VAE stages, whose convolutions do scale (default: all cores)
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -45,6 +48,18 @@ class DemoConfig:
         """A minutes-long smoke variant for CI: same stages, tiny budgets (no success target)."""
         return cls(tasks=("button-press-topdown-v3",), episodes_per_task=2, window_stride=8, vae_steps=4,
                    train_steps=6, batch_size=4, eval_episodes=1, max_steps=24, collect_max_steps=150)
+
+
+@contextmanager
+def _num_threads(n: int | None):
+    """Temporarily set torch's intra-op thread count (CPU only; None leaves it)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class _Stages:
@@ -71,20 +86,24 @@ class _Stages:
 
 def run_demo(out_dir: str | Path, dcfg: DemoConfig | None = None, progress: bool = True,
              device: str | None = None) -> dict[str, Any]:
+    """Run every stage into ``out_dir``; returns the report (also written to ``out_dir/report.json``)."""
+    dcfg = dcfg or DemoConfig()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Small ops: one intra-op thread is fastest on a few cores (restored afterwards).
+    with _num_threads(dcfg.threads if device == "cpu" else None):
+        return _run_demo(Path(out_dir), dcfg, progress, device)
+
+
+def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[str, Any]:
     from lwam.checkpoint import save_checkpoint
     from lwam.envs.evaluate import evaluate
     from lwam.envs.metaworld import collect_demos
     from lwam.model.lightwam import LightWAM
     from lwam.pipeline import cache_latents_stage, make_policy, make_windows, train_vae_stage
-    from lwam.plots import plot_future_frames, plot_stage_times, plot_success
+    from lwam.plots import plot_stage_times, plot_success
     from lwam.train import Trainer
 
-    dcfg = dcfg or DemoConfig()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" and dcfg.threads:
-        torch.set_num_threads(dcfg.threads)  # small ops: one intra-op thread is fastest on a few cores
     torch.manual_seed(dcfg.seed)
     stage = _Stages()
     t_start = time.perf_counter()
@@ -103,10 +122,11 @@ def run_demo(out_dir: str | Path, dcfg: DemoConfig | None = None, progress: bool
     with stage("windows"):
         windows, stats = make_windows(out / "dataset", cfg, window_stride=dcfg.window_stride, progress=progress)
     model = LightWAM(cfg).to(device)
-    with stage("train_vae"):
+    conv_threads = (dcfg.conv_threads or os.cpu_count()) if device == "cpu" else None
+    with stage("train_vae"), _num_threads(conv_threads):
         vae_metrics = train_vae_stage(model, windows, out / "vae", steps=dcfg.vae_steps,
                                       batch_size=dcfg.vae_batch_size, progress=progress, seed=dcfg.seed)
-    with stage("cache_latents"):
+    with stage("cache_latents"), _num_threads(conv_threads):
         train_set = cache_latents_stage(model, windows, out / "latents.npy", progress=progress)
     with stage("train"):
         trainer = Trainer(model, train_set, out / "train", stats=stats, device=device, progress=progress)

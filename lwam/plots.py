@@ -54,12 +54,15 @@ def plot_success(success: dict[str, float], blind: dict[str, float] | None, out:
     x = np.arange(len(tasks))
     w = 0.38 if blind else 0.6
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.4))
-    ax.bar(x - (w / 2 if blind else 0), [100 * success[t] for t in tasks], w, label="policy")
+    bars = [ax.bar(x - (w / 2 if blind else 0), [100 * success[t] for t in tasks], w, label="policy")]
     if blind:
-        ax.bar(x + w / 2, [100 * blind.get(t, 0.0) for t in tasks], w, label="blind control (images zeroed)")
+        bars.append(ax.bar(x + w / 2, [100 * blind.get(t, 0.0) for t in tasks], w,
+                           label="blind control (images zeroed)"))
+    for b in bars:  # values on the bars, so that a 0% bar is visible too
+        ax.bar_label(b, fmt="%.0f%%", fontsize=8)
     ax.set_xticks(x, tasks, fontsize=8)
     ax.set_ylabel("success (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 115)
     ax.axhline(80, color="gray", lw=0.8, ls="--")
     ax.legend(fontsize=8)
     ax.set_title("Closed-loop success on unseen seeds")

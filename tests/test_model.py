@@ -211,3 +211,47 @@ def test_checkpoint_round_trip(tmp_path):
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
     assert not list(tmp_path.glob(".ckpt.tmp-*"))
+
+
+def _expert_pair():
+    from lwam.config import ActionExpertConfig
+    from lwam.model.action_expert import StateFusionActionExpert
+    torch.manual_seed(0)
+    cfg = ActionExpertConfig(num_queries=3, num_heads=2, compress_dim=16, hidden_dim=24, step_embed_dim=8)
+    fused = StateFusionActionExpert(cfg, dim=32, num_layers=3, chunk_size=5, action_dim=3)
+    plain_cfg = ActionExpertConfig(**{**cfg.__dict__, "fused_pooling": False})
+    plain = StateFusionActionExpert(plain_cfg, dim=32, num_layers=3, chunk_size=5, action_dim=3)
+    for p in fused.parameters():  # non-trivial merge logits and norms
+        p.data.add_(torch.randn_like(p) * 0.05)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def test_action_expert_fused_pooling_matches_reference_fwd_bwd():
+    pytest.importorskip("triton")
+    from lwam.testing import assert_close
+    from lwam.kernels import query_pool as kernel
+    fused, plain = _expert_pair()
+    states = [torch.randn(2, 7, 32, requires_grad=True) for _ in range(3)]
+    ref_states = [s.detach().clone().requires_grad_() for s in states]
+    kernel.reset_launch_count()
+    out, ref = fused(states), plain(ref_states)
+    assert kernel.launch_count() > 0, "the fused expert did not run the Triton kernel"
+    assert_close(out, ref, name="actions")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    for s, r in zip(states, ref_states):
+        assert_close(s.grad, r.grad, name="state grad")
+    for (n, p), (_, q) in zip(fused.named_parameters(), plain.named_parameters()):
+        assert_close(p.grad, q.grad, name=n)
+
+
+def test_action_expert_compiles_fullgraph_without_breaks():
+    pytest.importorskip("triton")
+    from lwam.testing import assert_close
+    fused, _ = _expert_pair()
+    states = [torch.randn(2, 7, 32) for _ in range(3)]
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(states), fused(states), name="compiled expert")
