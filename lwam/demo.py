@@ -28,7 +28,7 @@ class DemoConfig:
     tasks: tuple[str, ...] = ("button-press-topdown-v3", "drawer-open-v3")
     episodes_per_task: int = 20
     window_stride: int = 2
-    vae_steps: int = 150
+    vae_steps: int = 300
     vae_batch_size: int = 4
     train_steps: int = 3000
     batch_size: int = 16
