@@ -6,18 +6,13 @@ from typing import Any
 import torch
 
 from lwam.config import LightWAMConfig
+from lwam.model.dit import dit_param_group
 
 
 def _component(name: str) -> str:
     if name.startswith("dit."):
-        sub = name[4:]
-        if ".lora_" in sub or ".ffn_lora_" in sub:
-            return "lora"
-        if sub.startswith("wam_adapters."):
-            return "adapters"
-        if sub.startswith("head."):
-            return "video_head"
-        return "dit_base"
+        group = dit_param_group(name[4:])
+        return "dit_base" if group == "base" else group
     if name.startswith("expert."):
         return "action_expert"
     if name.startswith("proprio_encoder."):

@@ -184,6 +184,18 @@ class Head(nn.Module):
         return self.head(_modulate(self.norm(x), shift, scale, e.shape[1]))
 
 
+def dit_param_group(name: str) -> str:
+    """Which part of the DiT a state-dict key belongs to: "lora", "adapters", "video_head" or "base"
+    (the pretrained Wan2.1 weights other than the head)."""
+    if ".lora_" in name or ".ffn_lora_" in name:
+        return "lora"
+    if name.startswith("wam_adapters."):
+        return "adapters"
+    if name.startswith("head."):
+        return "video_head"
+    return "base"
+
+
 @dataclass
 class DiTOutput:
     video: torch.Tensor | None       # [B, C_out, F, H, W] (flow prediction), None when not asked for

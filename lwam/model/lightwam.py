@@ -16,7 +16,7 @@ from torch import nn
 
 from lwam.config import LightWAMConfig
 from lwam.model.action_expert import StateFusionActionExpert
-from lwam.model.dit import WanDiT
+from lwam.model.dit import WanDiT, dit_param_group
 from lwam.model.flow import FlowMatching
 from lwam.model.text import TextContextCache, make_text_encoder
 from lwam.model.vae import WanVAE
@@ -25,7 +25,7 @@ from lwam.reference.latent_downsample import latent_downsample as reference_late
 
 def _is_trainable_dit_param(name: str) -> bool:
     """LoRA, adapters and the future-video head train when the pretrained DiT is frozen."""
-    return name.startswith(("wam_adapters.", "head.")) or ".lora_" in name or ".ffn_lora_" in name
+    return dit_param_group(name) != "base"
 
 
 class LightWAM(nn.Module):

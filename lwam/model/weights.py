@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lwam.model.dit import dit_param_group
+
 RELEASE_DIT_PREFIX = "mixtures.video."
 
 
@@ -68,8 +70,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def dit_pretrained_keys(dit: nn.Module) -> list[str]:
     """Keys of the DiT that come from the Wan2.1 file: everything except LoRA and adapters."""
-    return [k for k in dit.state_dict() if ".lora_" not in k and ".ffn_lora_" not in k
-            and not k.startswith("wam_adapters.")]
+    return [k for k in dit.state_dict() if dit_param_group(k) in ("base", "video_head")]
 
 
 def load_wan_dit(dit: nn.Module, path: str | os.PathLike) -> None:
