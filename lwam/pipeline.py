@@ -46,7 +46,8 @@ class LatentWindows(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         d = self.cached[i]
         return {"latents": torch.as_tensor(d["latents"]).float(), "instruction": d["instruction"],
-                "proprio": d["proprio"], "actions": d["actions"], "actions_is_pad": d["actions_is_pad"]}
+                "proprio": d["proprio"], "actions": d["actions"], "actions_is_pad": d["actions_is_pad"],
+                "frames_is_pad": d["frames_is_pad"]}
 
 
 def make_windows(dataset_path: str | os.PathLike, cfg: LightWAMConfig, window_stride: int = 1,

@@ -10,8 +10,9 @@ import torch  # noqa: E402
 # Small-op workloads run faster on one intra-op thread, and far faster when the cores are shared.
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-LAYOUTS = SHARED / "checkpoint_layouts"
+DATA = Path(__file__).resolve().parent / "data"
+LAYOUTS = DATA / "checkpoint_layouts"  # tensor names and shapes of the published weight files
+GOLDEN = DATA / "golden"  # fixtures written by the published Light-WAM code (see its README)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,6 +26,4 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def layouts() -> Path:
-    if not LAYOUTS.is_dir():
-        pytest.skip(f"checkpoint layouts not found at {LAYOUTS}")
     return LAYOUTS

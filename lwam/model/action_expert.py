@@ -5,18 +5,19 @@ Per tapped layer l: LearnedQueryPooler (LN -> 16 learned queries x 8-head attent
 merge -> LN) [B, S, D] -> [B, D], then a compressor LN -> Linear(D, C) -> GELU(tanh) -> Linear(C, C).
 The L compressed vectors are concatenated [B, L*C] -> LN -> Linear(L*C, W) -> residual MLP block ->
 + step-position embedding per chunk step -> LN -> Linear(W, W) -> GELU -> Linear(W, A) => [B, H, A].
+Every GELU is the tanh approximation (:mod:`lwam.model.layers`), and the step-position code is
+``[cos | sin]`` computed in float64, then cast, as in the published model.
 Key names match the published checkpoint's ``state_fusion_action_expert`` entry.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lwam.config import ActionExpertConfig
+from lwam.model.layers import GELU, gelu, sinusoid
 from lwam.modules.query_pool import LearnedQueryPooler, pool_layers
 
 
@@ -36,11 +37,11 @@ class Compressor(nn.Module):
         self.fc2 = nn.Linear(out_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))
+        return self.fc2(gelu(self.fc1(self.norm(x))))
 
 
 class ResidualMLP(nn.Module):
-    """x + fc2(GELU(fc1(LN(x))))."""
+    """x + fc2(GELU_tanh(fc1(LN(x))))."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -49,15 +50,12 @@ class ResidualMLP(nn.Module):
         self.fc2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return x + self.fc2(gelu(self.fc1(self.norm(x))))
 
 
 def step_sinusoid(num_steps: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
-    """Sinusoid position code of chunk steps 0..num_steps-1 -> [num_steps, dim] (sin | cos)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=device) / half)
-    ang = torch.arange(num_steps, dtype=torch.float32, device=device)[:, None] * freqs[None]
-    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+    """Position code of chunk steps 0..num_steps-1 -> float64 [num_steps, dim], laid out [cos | sin]."""
+    return sinusoid(torch.arange(num_steps, dtype=torch.float64, device=device), dim)
 
 
 class StateFusionActionExpert(nn.Module):
@@ -78,10 +76,9 @@ class StateFusionActionExpert(nn.Module):
         self.fused_proj = nn.Linear(fused, w)
         self.trunk = nn.ModuleList([ResidualMLP(w)])
         self.step_pos_proj = nn.Sequential(nn.LayerNorm(cfg.step_embed_dim), nn.Linear(cfg.step_embed_dim, w),
-                                           nn.GELU(), nn.Linear(w, w))
+                                           GELU(), nn.Linear(w, w))
         self.output_norm = nn.LayerNorm(w)
-        self.output = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, action_dim))
-        self.register_buffer("step_code", step_sinusoid(chunk_size, cfg.step_embed_dim), persistent=False)
+        self.output = nn.Sequential(nn.Linear(w, w), GELU(), nn.Linear(w, action_dim))
 
     @property
     def poolers(self) -> list[LearnedQueryPooler]:
@@ -97,7 +94,9 @@ class StateFusionActionExpert(nn.Module):
         z = self.fused_proj(self.fused_norm(z))
         for block in self.trunk:
             z = block(z)
-        steps = self.step_pos_proj(self.step_code.to(z.dtype))  # [H, W]
+        # Built per call in float64 (a buffer would be rounded by model.to(dtype)); compile folds it.
+        code = step_sinusoid(self.chunk_size, self.cfg.step_embed_dim, device=z.device)
+        steps = self.step_pos_proj(code.to(z.dtype))  # [H, W]
         h = z[:, None, :] + steps[None]
         return self.output(self.output_norm(h))
 

@@ -15,11 +15,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lwam.config import AdapterConfig, DiTConfig, LoRAConfig
 from lwam.model.attention import first_frame_causal_attention, dense_attention
+from lwam.model.layers import GELU, gelu, sinusoid
 from lwam.model.lora import LoRA, linear_with_lora
 from lwam.model.rope import apply_rope, rope_cos_sin, rope_freqs_complex
 
@@ -35,14 +35,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """t [...] -> [..., dim]: (cos, sin) of t * 10000^(-i/half), i < half (the Wan ordering)."""
-    half = dim // 2
-    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
-    ang = t.to(torch.float64)[..., None] * freqs
-    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).float()
 
 
 class _Attention(nn.Module):
@@ -128,7 +120,7 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(cfg, lora)
         self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), GELU(), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
         if lora is not None and lora.enabled:
             if "ffn.0" in lora.targets:
@@ -153,7 +145,7 @@ class DiTBlock(nn.Module):
 
 
 class ResidualAdapter(nn.Module):
-    """h' = h + Up(GELU(Down(LN(h)))), Up zero-initialised so that a new adapter is the identity."""
+    """h' = h + Up(GELU_tanh(Down(LN(h)))), Up zero-initialised so that a new adapter is the identity."""
 
     def __init__(self, dim: int, cfg: AdapterConfig):
         super().__init__()
@@ -164,7 +156,7 @@ class ResidualAdapter(nn.Module):
         nn.init.zeros_(self.up_proj.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up_proj(F.gelu(self.down_proj(self.norm(h))))
+        return h + self.up_proj(gelu(self.down_proj(self.norm(h))))
 
 
 class Head(nn.Module):
@@ -210,7 +202,7 @@ class WanDiT(nn.Module):
         self.cfg = cfg
         d = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), GELU(), nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(DiTBlock(cfg, lora) for _ in range(cfg.num_layers))
@@ -260,7 +252,7 @@ class WanDiT(nn.Module):
 
     def time_embed(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """timesteps [B, F] -> (e [B, F, D], e6 [B, F, 6, D]), fp32."""
-        e = self.time_embedding(sinusoidal_embedding(timesteps, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype)).float()
+        e = self.time_embedding(sinusoid(timesteps, self.cfg.freq_dim).float().to(self.time_embedding[0].weight.dtype)).float()
         e6 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
         return e, e6.unflatten(-1, (6, self.cfg.dim))
 

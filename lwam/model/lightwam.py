@@ -2,7 +2,8 @@
 
 Two passes per training sample (SPEC.md, "Training objective"):
 - video: latents 2x2-downsampled in space, frames 1.. noised by flow matching (frame 0 clean, t = 0),
-  the DiT predicts v = eps - x0, MSE on frames 1.. weighted by w(t);
+  the DiT predicts v = eps - x0; per sample the MSE is a masked mean over the future latent steps that
+  are not padding (:func:`latent_steps_is_pad`), weighted by w(t), then averaged over the batch;
 - action: the clean current frame at full latent resolution, t = 0, one pass up to the last tapped
   layer; the SFAE regresses the action chunk; MSE on the first ``action_loss_steps`` steps, padding masked.
 """
@@ -22,6 +23,18 @@ from lwam.model.text import TextContextCache, make_text_encoder
 from lwam.model.vae import WanVAE
 from lwam.ops.latent_downsample import latent_downsample
 from lwam.reference.latent_downsample import latent_downsample as reference_latent_downsample
+
+def latent_steps_is_pad(frames_is_pad: torch.Tensor, temporal_factor: int) -> torch.Tensor:
+    """frames_is_pad bool [B, T] (raw frames past the episode end) -> bool [B, 1 + (T-1)/tf].
+
+    Latent step 0 is raw frame 0; step k >= 1 covers raw frames (k-1)*tf+1 .. k*tf and is padding only
+    when every one of them is (a partly padded step still counts in the loss)."""
+    if frames_is_pad.dim() != 2 or (frames_is_pad.shape[1] - 1) % temporal_factor:
+        raise ValueError(f"frames_is_pad: expected [B, 1 + k*{temporal_factor}], got {tuple(frames_is_pad.shape)}")
+    b = frames_is_pad.shape[0]
+    future = frames_is_pad[:, 1:].bool().reshape(b, -1, temporal_factor).all(-1)
+    return torch.cat([frames_is_pad[:, :1].bool(), future], dim=1)
+
 
 def _is_trainable_dit_param(name: str) -> bool:
     """LoRA, adapters and the future-video head train when the pretrained DiT is frozen."""
@@ -107,9 +120,12 @@ class LightWAM(nn.Module):
         return self.expert(out.taps)
 
     def video_pass(self, latents: torch.Tensor, ctx: torch.Tensor,
-                   noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   steps_is_pad: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """latents [B, C, F, h, w] (full resolution) -> (weighted flow loss, metrics). ``noise``: optional
-        (eps [B, C, F, h/f, w/f], u [B]) so that a trainer can draw noise per sample, independent of sharding."""
+        (eps [B, C, F, h/f, w/f], u [B]) so that a trainer can draw noise per sample, independent of sharding.
+        ``steps_is_pad``: optional bool [B, F] (:func:`latent_steps_is_pad`); padded future steps are left
+        out of each sample's mean, and a sample without a valid future step contributes 0."""
         b = latents.shape[0]
         downsample = reference_latent_downsample if self.reference_downsample else latent_downsample
         x0 = downsample(latents, self.cfg.train.video_downsample)
@@ -130,7 +146,14 @@ class LightWAM(nn.Module):
         timesteps = torch.cat([torch.zeros(b, 1, device=x0.device), t[:, None].expand(b, frames - 1)], dim=1)
         pred = self.dit(xt, timesteps, ctx, context_embedded=True).video
         target = self.flow.target(x0, eps)
-        per_sample = (pred[:, :, 1:].float() - target[:, :, 1:].float()).pow(2).flatten(1).mean(1)
+        per_step = (pred[:, :, 1:].float() - target[:, :, 1:].float()).pow(2).mean(dim=(1, 3, 4))  # [B, F-1]
+        if steps_is_pad is None:
+            per_sample = per_step.mean(1)
+        else:
+            if steps_is_pad.shape != (b, frames):
+                raise ValueError(f"steps_is_pad: expected [{b}, {frames}], got {tuple(steps_is_pad.shape)}")
+            valid = (~steps_is_pad[:, 1:].to(per_step.device).bool()).float()
+            per_sample = (per_step * valid).sum(1) / valid.sum(1).clamp_min(1.0)
         w = self.flow.weight(t)
         return (per_sample * w).mean(), {"video_mse": per_sample.mean().detach(), "t_mean": t.mean().detach()}
 
@@ -148,8 +171,9 @@ class LightWAM(nn.Module):
 
     def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """batch: 'latents' [B, C, F, h, w] or 'video' [B, 3, T, H, W]; 'text_context' or 'instruction';
-        'proprio' [B, P]; 'actions' [B, H, A]; optional 'actions_is_pad' [B, H]; optional 'flow_eps' and
-        'flow_u' (the video branch's noise, see ``video_pass``).
+        'proprio' [B, P]; 'actions' [B, H, A]; optional 'actions_is_pad' [B, H]; optional 'frames_is_pad'
+        [B, T] (raw frames past the episode end: fully padded latent steps leave the video loss); optional
+        'flow_eps' and 'flow_u' (the video branch's noise, see ``video_pass``).
         Returns (loss, metrics) with loss = w_v * video + w_a * action."""
         device = self.proprio_encoder.weight.device
         if "latents" in batch:
@@ -171,7 +195,13 @@ class LightWAM(nn.Module):
         ctx = self.context(self.text_context(batch, device), batch["proprio"].to(device))
         tr = self.cfg.train
         noise = (batch["flow_eps"], batch["flow_u"]) if "flow_eps" in batch else None
-        video_loss, vm = self.video_pass(latents, ctx, noise)
+        steps_is_pad = None
+        if "frames_is_pad" in batch:
+            steps_is_pad = latent_steps_is_pad(batch["frames_is_pad"].to(device), self.cfg.vae.temporal_factor)
+            if steps_is_pad.shape[1] != latents.shape[2]:
+                raise ValueError(f"frames_is_pad: {tuple(batch['frames_is_pad'].shape)} covers "
+                                 f"{steps_is_pad.shape[1]} latent steps, latents have {latents.shape[2]}")
+        video_loss, vm = self.video_pass(latents, ctx, noise, steps_is_pad)
         pred = self.action_pass(latents[:, :, :1], ctx)
         is_pad = batch.get("actions_is_pad")
         act_loss = self.action_loss(pred, actions, None if is_pad is None else is_pad.to(device))
