@@ -433,7 +433,7 @@ class TileConfig:
     nsplit: int = 0
     warps: int = 8
     warps_SM: int = 8
-    warps_POOL: int = 4
+    warps_POOL: int = 8
     warps_A: int = 8
     stages: int = 2
     stages_SM: int = 2

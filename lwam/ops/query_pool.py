@@ -150,13 +150,42 @@ def _query_pool_backward_op(gy: Tensor, xs: list[Tensor], A: Tensor, w: Tensor, 
             return kern.query_pool_backward(gy, xs, A, w, stats, lse, eps)
         except kern.LAUNCH_ERRORS as exc:
             _log_launch_failure("backward", xs[0], exc)
-    with torch.enable_grad():
-        xs_ = [x.detach().requires_grad_(True) for x in xs]
-        A_ = A.detach().requires_grad_(True)
-        w_ = w.detach().requires_grad_(True)
-        y = query_pool_folded_reference(xs_, A_, w_, eps)
-        grads = torch.autograd.grad(y, [*xs_, A_, w_], gy.to(y.dtype))
-    return torch.stack(grads[:-2]), grads[-2].contiguous(), grads[-1].contiguous()
+    return _reference_backward(gy, xs, A, w, eps)
+
+
+def _reference_backward(gy: Tensor, xs: Sequence[Tensor], A: Tensor, w: Tensor, eps: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """The folded core's backward in closed form (fp32 math, fp64 for fp64 inputs), the kernels' formulas.
+
+    An op implementation runs below autograd, so the reference cannot be differentiated here. Per layer,
+    with x_hat, P = softmax_s(x_hat A), c = P merged by w:  g_c = x_hat gy^T;  r = sum_s P g_c (grad w);
+    g_Z = w P (g_c - r);  g_xhat = c gy + g_Z A^T;  gA = sum_b x_hat^T g_Z;  then the LayerNorm backward.
+    Returns gX [L, B, S, D] (dtype of xs), gA like A, gw like w.
+    """
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    Q = w.shape[1]
+    H = A.shape[2] // Q
+    gxs, gAs, gws = [], [], []
+    for l, x in enumerate(xs):
+        x = x.detach().to(acc)
+        B, S, D = x.shape
+        var, mean = torch.var_mean(x, dim=-1, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        xh = (x - mean) * rstd
+        a = A[l].detach().to(acc)
+        wl = w[l].detach().to(acc)
+        p = torch.softmax(xh @ a, dim=1).view(B, S, H, Q)
+        c = (p * wl).sum(-1)                                                    # [B, S, H]
+        g = gy[l].to(acc)                                                       # [B, H, D]
+        gc = torch.einsum("bsd,bhd->bsh", xh, g)
+        r = (p * gc.unsqueeze(-1)).sum(1)                                       # [B, H, Q]
+        gz = (wl * p * (gc.unsqueeze(-1) - r.unsqueeze(1))).reshape(B, S, H * Q)
+        gxh = torch.einsum("bsh,bhd->bsd", c, g) + gz @ a.t()
+        gx = rstd * (gxh - gxh.mean(-1, keepdim=True) - xh * (gxh * xh).mean(-1, keepdim=True))
+        gxs.append(gx.to(xs[0].dtype))
+        gAs.append(torch.einsum("bsd,bsc->dc", xh, gz))
+        gws.append(r.sum(dim=(0, 1)))
+    return torch.stack(gxs), torch.stack(gAs).to(A.dtype), torch.stack(gws).to(w.dtype)
 
 
 @_query_pool_backward_op.register_fake
