@@ -655,3 +655,44 @@ def query_pool_backward(gy: torch.Tensor, xs: Sequence[torch.Tensor], A: torch.T
     gA = (ga[:, 0] if nsplit == 1 else ga.sum(dim=1)).to(a_dtype)
     gw = r.view(L, B, H, Q).sum(dim=(1, 2)).to(w.dtype)
     return gx, gA, gw
+
+
+# --------------------------------------------------------------------------------------------------------
+# memory traffic (benchmarks report it beside the time)
+
+def modelled_bytes(L: int, B: int, S: int, D: int, H: int, Q: int, x_dtype: torch.dtype, config: TileConfig,
+                   backward: bool) -> dict[str, int]:
+    """Bytes each kernel loads and stores with ``config`` (every tile a program loads counted once per
+    program, no reuse between programs through L2: an upper bound on DRAM traffic). Forward kernels, plus
+    the backward ones when ``backward``."""
+    ex = torch.empty((), dtype=x_dtype).element_size()
+    ea = ex if x_dtype in (torch.float16, torch.bfloat16) else 4      # A as the kernels read it
+    _qp, nc, hd = _layout(H, Q)
+    rows, blocks = L * B * S, L * B * triton.cdiv(S, config.BS)
+    x, a, f4 = rows * D * ex, L * D * H * Q * ea, 4
+    out = {
+        "_fwd_logits": 2 * x + blocks * D * H * Q * ea + rows * (nc + 2) * f4,
+        "_fwd_softmax": rows * (2 * nc + hd) * f4 + L * B * H * Q * f4,
+        "_fwd_pool": x + L * B * triton.cdiv(D, config.BD_POOL) * S * (hd + 2) * f4 + L * B * H * D * f4,
+    }
+    if backward:
+        gy_block = blocks * H * D * f4
+        nsplit = config.batch_split(B)
+        out.update({
+            "_bwd_probs": x + blocks * D * H * Q * ea + gy_block + rows * (2 + 2 * H * Q + nc + hd) * f4,
+            "_bwd_softmax": rows * 2 * (2 * nc + 2 * hd) * f4,
+            "_bwd_dx": 2 * (x + blocks * D * H * Q * ea + gy_block) + rows * (2 + nc + hd) * f4 + rows * D * ex,
+            "_bwd_dA": x + L * B * triton.cdiv(D, config.BD_A) * S * (2 + nc) * f4 + L * nsplit * D * H * Q * f4,
+        })
+    del a
+    return out
+
+
+def floor_bytes(L: int, B: int, S: int, D: int, H: int, Q: int, x_dtype: torch.dtype, backward: bool) -> int:
+    """The least any implementation must move: forward reads X and A once and writes y; forward+backward
+    also reads X, A and gy again and writes gX and gA (X is too large to stay on chip in between)."""
+    ex = torch.empty((), dtype=x_dtype).element_size()
+    ea = ex if x_dtype in (torch.float16, torch.bfloat16) else 4
+    x, a, y = L * B * S * D * ex, L * D * H * Q * ea, L * B * H * D * 4
+    fwd = x + a + y
+    return fwd + (x + a + y + x + L * D * H * Q * 4 if backward else 0)
