@@ -669,7 +669,7 @@ def modelled_bytes(L: int, B: int, S: int, D: int, H: int, Q: int, x_dtype: torc
     ea = ex if x_dtype in (torch.float16, torch.bfloat16) else 4      # A as the kernels read it
     _qp, nc, hd = _layout(H, Q)
     rows, blocks = L * B * S, L * B * triton.cdiv(S, config.BS)
-    x, a, f4 = rows * D * ex, L * D * H * Q * ea, 4
+    x, f4 = rows * D * ex, 4
     out = {
         "_fwd_logits": 2 * x + blocks * D * H * Q * ea + rows * (nc + 2) * f4,
         "_fwd_softmax": rows * (2 * nc + hd) * f4 + L * B * H * Q * f4,
@@ -684,7 +684,6 @@ def modelled_bytes(L: int, B: int, S: int, D: int, H: int, Q: int, x_dtype: torc
             "_bwd_dx": 2 * (x + blocks * D * H * Q * ea + gy_block) + rows * (2 + nc + hd) * f4 + rows * D * ex,
             "_bwd_dA": x + L * B * triton.cdiv(D, config.BD_A) * S * (2 + nc) * f4 + L * nsplit * D * H * Q * f4,
         })
-    del a
     return out
 
 
