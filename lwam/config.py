@@ -164,6 +164,28 @@ class TrainConfig:
     save_every: int = 1000
 
 
+def _validate_train(t: "TrainConfig") -> None:
+    """Positive, finite training numbers (a zero or negative value is an error, never a default)."""
+    import math
+
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every"):
+        v = getattr(t, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"train.{name}: expected an int >= 1, got {v!r}")
+    if not isinstance(t.warmup_steps, int) or t.warmup_steps < 0:
+        raise ValueError(f"train.warmup_steps: expected an int >= 0, got {t.warmup_steps!r}")
+    for name in ("lr", "grad_clip"):
+        v = getattr(t, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"train.{name}: expected a finite number > 0, got {v!r}")
+    for name in ("weight_decay", "video_loss_weight", "action_loss_weight"):
+        v = getattr(t, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"train.{name}: expected a finite number >= 0, got {v!r}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ValueError(f"train.min_lr_ratio: expected a number in [0, 1], got {t.min_lr_ratio!r}")
+
+
 @dataclass
 class LightWAMConfig:
     name: str = "paper"
@@ -246,6 +268,8 @@ class LightWAMConfig:
             raise ValueError("vae.latent_mean/latent_std must have z_dim entries")
         if self.vae.z_dim != d.in_channels:
             raise ValueError(f"vae.z_dim={self.vae.z_dim} must equal dit.in_channels={d.in_channels}")
+        _validate_train(self.train)
+
 
     # --- derived token counts -------------------------------------------------------------
     def latent_hw(self) -> tuple[int, int]:

@@ -363,10 +363,11 @@ def _load_text_cache(text_cache: Any) -> dict[str, torch.Tensor]:
     path = Path(text_cache)
     if not path.is_file():
         raise FileNotFoundError(f"text cache not found: {path}")
+    from lwam._safe_load import read_safetensors, torch_load_plain
+
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
+        return read_safetensors(path, "text cache")
+    data = torch_load_plain(path, "text cache")
     if not isinstance(data, Mapping):
         raise ValueError(f"text cache {path}: expected a dict instruction -> tensor, got {type(data).__name__}")
     return dict(data)
@@ -501,8 +502,10 @@ class Policy:
         The transformation switches are described in the module docstring; ``compile_mode`` and
         ``compile_backend`` go to ``torch.compile`` (always ``dynamic=False``: one static graph per shape).
         """
+        from lwam.validate import check_device
+
         cfg = model.cfg
-        dev = torch.device(device) if device is not None else model.proprio_encoder.weight.device
+        dev = check_device(device) if device is not None else model.proprio_encoder.weight.device
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
@@ -524,6 +527,10 @@ class Policy:
         """From our checkpoint directory (config.json + model.safetensors [+ stats.json]), or from a
         published Light-WAM ``.pt`` with ``Wan2.1_VAE.pth`` in the same directory (see :meth:`from_release`;
         pass ``vae_path``/``text_cache``/``stats``/``cfg`` through ``kwargs``)."""
+        from lwam.validate import check_device
+
+        if device is not None:
+            check_device(device)  # before loading anything
         p = Path(path)
         if p.is_file() and p.suffix == ".pt":
             vae_path = kwargs.pop("vae_path", None) or p.with_name("Wan2.1_VAE.pth")
@@ -599,7 +606,11 @@ class Policy:
                ) -> tuple[torch.Tensor, list[str], torch.Tensor, bool]:
         cfg = self.cfg
         factor = cfg.vae.spatial_factor * cfg.dit.patch_size[1]
+        from lwam.validate import check_finite, check_image_size, check_unit_range
+
         x = prepare_images(images, batched, factor)
+        check_image_size(x.shape[2], x.shape[3], cfg)
+        check_unit_range(x, "images")
         b = x.shape[0]
         is_numpy = isinstance(proprio, np.ndarray)
         if is_numpy:
@@ -615,6 +626,7 @@ class Policy:
             raise ValueError(f"proprio: expected [B={b}, {p}], got {tuple(proprio.shape)}")
         if not (proprio.is_floating_point() or proprio.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"proprio: expected a float tensor, got {proprio.dtype}")
+        check_finite(proprio, "proprio")
         if isinstance(instructions, str):
             instructions = [instructions] * b
         if not isinstance(instructions, Sequence) or not all(isinstance(s, str) for s in instructions):

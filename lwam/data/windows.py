@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from lwam.data.cameras import compose_uint8, layout_slots
 from lwam.data.lerobot import LeRobotDataset
 from lwam.data.normalize import Normalizer, dataset_stats
+from lwam.validate import check_finite_rows
 
 
 class WindowDataset(Dataset):
@@ -108,6 +109,8 @@ class WindowDataset(Dataset):
         if ep not in self._low:
             d = self.dataset.episode_data(ep)
             ds = self.dataset
+            for key in (ds.action_key, ds.state_key):
+                check_finite_rows(d[key], f"{ds.root}: episode {ep} {key!r}")
             self._low[ep] = {
                 "actions": torch.from_numpy(self.normalizer.apply(ds.action_key, d[ds.action_key])).float(),
                 "proprio": torch.from_numpy(self.normalizer.apply(ds.state_key, d[ds.state_key])).float(),
