@@ -138,4 +138,4 @@ def test_cli_info_paper_json():
 def test_cli_unknown_preset_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "lwam.cli", "info", "--preset", "huge"],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "unknown preset 'huge'" in out.stderr
+    assert out.returncode == 2 and "invalid choice: 'huge'" in out.stderr
