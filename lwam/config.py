@@ -1,7 +1,7 @@
 """Typed configuration for Light-WAM and its named presets.
 
 Configuration is kept apart from modelling code: every module takes the sub-config it needs.
-``get_preset(name)`` returns a fresh :class:`LightWAMConfig`; ``paper`` is exactly SPEC.md,
+``get_preset(name)`` returns a fresh :class:`LightWAMConfig`; ``paper`` is exactly the published model (docs/model.md),
 ``tiny`` is the same architecture scaled down to train on two CPU cores in minutes.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# The ten LoRA targets of every DiT block (SPEC.md, "What trains").
+# The ten LoRA targets of every DiT block (docs/model.md, "What trains").
 LORA_TARGETS: tuple[str, ...] = (
     "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
@@ -117,7 +117,7 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    """Window and image conventions (SPEC.md, "Training objective" / "Data conventions")."""
+    """Window and image conventions (docs/model.md, "Training objective" / "Data conventions")."""
 
     image_height: int = 224
     image_width: int = 448
@@ -338,7 +338,7 @@ _SUBCONFIGS = {
 
 
 def paper() -> LightWAMConfig:
-    """Exactly SPEC.md: Wan2.1-T2V-1.3B frozen, LIBERO data conventions."""
+    """Exactly the published model (docs/model.md): Wan2.1-T2V-1.3B frozen, LIBERO data conventions."""
     return LightWAMConfig(name="paper")
 
 

@@ -1,6 +1,6 @@
 """Policy: the optimised single-pass action decoder (observation -> de-normalised action chunk).
 
-One action query (SPEC.md, "Inference"): VAE-encode the current composed frame -> cached text context +
+One action query (docs/model.md, "Inference"): VAE-encode the current composed frame -> cached text context +
 proprio token -> one backbone pass at t = 0 up to the last tapped layer -> StateFusionActionExpert ->
 normalised actions [B, H, A] -> de-normalise.
 
@@ -12,7 +12,7 @@ same weights (tests/test_inference.py):
   and removed, so a LoRA target costs one GEMM;
 * ``truncate``: blocks after the last tapped layer are deleted (they cannot change the action); with
   ``truncate=False`` the policy keeps and runs the whole backbone, as the published implementation does;
-* ``fold_pooling``: the folded learned-query pooling matrices (DESIGN.md, "The fused ops", 1) are computed
+* ``fold_pooling``: the folded learned-query pooling matrices (docs/design.md, "Fused pooling") are computed
   once, in fp32, from the frozen pooler weights (``lwam.modules.query_pool.fold_for_inference``); every
   query runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps
   after it, with no per-call parameter algebra;

@@ -4,7 +4,7 @@ Stats are computed once over a dataset's low-dimensional features and stored as 
 (``meta/lwam_stats.json``); checkpoints store the same dict (``Normalizer.to_dict()``), so a policy
 de-normalises with exactly the numbers it was trained with.
 
-Modes (SPEC.md, "Data conventions"):
+Modes (docs/model.md, "Data conventions"):
 - ``"minmax"``: y = 2 (x - min) / (max - min) - 1, so the data range maps to [-1, 1];
 - ``"zscore"``: y = (x - mean) / std;
 - ``"identity"``: y = x.

@@ -1,4 +1,4 @@
-"""Training windows (SPEC.md, "Training objective").
+"""Training windows (docs/model.md, "Training objective").
 
 A window starts at every frame t of every episode and spans 33 steps: the actions t .. t+H-1
 (H = ``chunk_size`` = 32), the proprio state at t, and ``num_frames`` = 9 video frames at

@@ -1,6 +1,6 @@
 """LightWAM: the whole model (DiT + LoRA + adapters + SFAE + proprio token + VAE + flow schedule).
 
-Two passes per training sample (SPEC.md, "Training objective"):
+Two passes per training sample (docs/model.md, "Training objective"):
 - video: latents 2x2-downsampled in space, frames 1.. noised by flow matching (frame 0 clean, t = 0),
   the DiT predicts v = eps - x0; per sample the MSE is a masked mean over the future latent steps that
   are not padding (:func:`latent_steps_is_pad`), weighted by w(t), then averaged over the batch;

@@ -1,4 +1,4 @@
-"""Wan2.1 causal video VAE in plain PyTorch (SPEC.md, "VAE").
+"""Wan2.1 causal video VAE in plain PyTorch (docs/model.md, "VAE").
 
 The module tree reproduces the published ``Wan2.1_VAE.pth`` key layout exactly when built from the
 ``paper`` :class:`~lwam.config.VAEConfig` (126,892,531 parameters); the same code builds any scaled
