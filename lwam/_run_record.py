@@ -52,7 +52,7 @@ def merge_settings(out: Path, record: Mapping[str, Any] | None, given: Mapping[s
     if record is None:
         return {k: (given.get(k) if given.get(k) is not None else defaults.get(k)) for k in set(given) | set(defaults)}
     saved = dict(record["settings"])
-    conflicts = [f"--{k.replace('_', '-')} {v} (the run has {saved.get(k)})"
+    conflicts = [f"--{k.replace('_', '-')} {v} (the run has {'its default' if saved.get(k) is None else saved.get(k)})"
                  for k, v in given.items() if v is not None and k in saved and _norm(k, v) != _norm(k, saved[k])]
     if conflicts:
         raise StaleStateError(f"{out}: holds a run started with other settings; conflicting: "

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -282,9 +283,12 @@ class Trainer:
         if bad is not None:
             self._nonfinite_step(*bad)
             totals["skipped_nonfinite"] = 1.0
+            with warnings.catch_warnings():  # the schedule moves on with the step count, update or not
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()
         self.step += 1
         return totals
 
