@@ -1,6 +1,6 @@
 """Policy: the optimised single-pass action decoder (observation -> de-normalised action chunk).
 
-One action query (SPEC.md, "Inference"): VAE-encode the current composed frame -> cached text context +
+One action query (docs/model.md, "Inference"): VAE-encode the current composed frame -> cached text context +
 proprio token -> one backbone pass at t = 0 up to the last tapped layer -> StateFusionActionExpert ->
 normalised actions [B, H, A] -> de-normalise.
 
@@ -12,7 +12,7 @@ same weights (tests/test_inference.py):
   and removed, so a LoRA target costs one GEMM;
 * ``truncate``: blocks after the last tapped layer are deleted (they cannot change the action); with
   ``truncate=False`` the policy keeps and runs the whole backbone, as the published implementation does;
-* ``fold_pooling``: the folded learned-query pooling matrices (DESIGN.md, "The fused ops", 1) are computed
+* ``fold_pooling``: the folded learned-query pooling matrices (docs/design.md, "Fused pooling") are computed
   once, in fp32, from the frozen pooler weights (``lwam.modules.query_pool.fold_for_inference``); every
   query runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps
   after it, with no per-call parameter algebra;
@@ -363,10 +363,11 @@ def _load_text_cache(text_cache: Any) -> dict[str, torch.Tensor]:
     path = Path(text_cache)
     if not path.is_file():
         raise FileNotFoundError(f"text cache not found: {path}")
+    from lwam._safe_load import read_safetensors, torch_load_plain
+
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
+        return read_safetensors(path, "text cache")
+    data = torch_load_plain(path, "text cache")
     if not isinstance(data, Mapping):
         raise ValueError(f"text cache {path}: expected a dict instruction -> tensor, got {type(data).__name__}")
     return dict(data)
@@ -535,8 +536,10 @@ class Policy:
         "max-autotune-no-cudagraphs"), with one log line; ``cuda_graphs=False`` keeps it as given.
         Every query returns a tensor the caller owns (a copy of the graph's static output).
         """
+        from lwam.validate import check_device
+
         cfg = model.cfg
-        dev = torch.device(device) if device is not None else model.proprio_encoder.weight.device
+        dev = check_device(device) if device is not None else model.proprio_encoder.weight.device
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
@@ -559,6 +562,10 @@ class Policy:
         """From our checkpoint directory (config.json + model.safetensors [+ stats.json]), or from a
         published Light-WAM ``.pt`` with ``Wan2.1_VAE.pth`` in the same directory (see :meth:`from_release`;
         pass ``vae_path``/``text_cache``/``stats``/``cfg`` through ``kwargs``)."""
+        from lwam.validate import check_device
+
+        if device is not None:
+            check_device(device)  # before loading anything
         p = Path(path)
         if p.is_file() and p.suffix == ".pt":
             vae_path = kwargs.pop("vae_path", None) or p.with_name("Wan2.1_VAE.pth")
@@ -634,7 +641,11 @@ class Policy:
                ) -> tuple[torch.Tensor, list[str], torch.Tensor, bool]:
         cfg = self.cfg
         factor = cfg.vae.spatial_factor * cfg.dit.patch_size[1]
+        from lwam.validate import check_finite, check_image_size, check_unit_range
+
         x = prepare_images(images, batched, factor)
+        check_image_size(x.shape[2], x.shape[3], cfg)
+        check_unit_range(x, "images")
         b = x.shape[0]
         is_numpy = isinstance(proprio, np.ndarray)
         if is_numpy:
@@ -650,6 +661,7 @@ class Policy:
             raise ValueError(f"proprio: expected [B={b}, {p}], got {tuple(proprio.shape)}")
         if not (proprio.is_floating_point() or proprio.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"proprio: expected a float tensor, got {proprio.dtype}")
+        check_finite(proprio, "proprio")
         if isinstance(instructions, str):
             instructions = [instructions] * b
         if not isinstance(instructions, Sequence) or not all(isinstance(s, str) for s in instructions):
