@@ -30,7 +30,10 @@ class RemotePolicy:
             raise ValueError(f"url: expected ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
         headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         self.url, self.timeout = url, timeout
-        self._ws = connect(url, compression=None, max_size=None, additional_headers=headers, open_timeout=timeout)
+        # __enter__ opens the connection on every websockets version (17.1+ warns on plain connect(...) use);
+        # close() ends it.
+        self._ws = connect(url, compression=None, max_size=None, additional_headers=headers,
+                           open_timeout=timeout).__enter__()
         self.metadata: dict[str, Any] = unpackb(self._ws.recv(timeout))
         self.chunk_size = int(self.metadata["chunk_size"])
         self._executed_steps = int(self.metadata["executed_steps"])

@@ -100,4 +100,6 @@ def unpackb(data: bytes, max_bytes: int | None = None) -> Any:
     except WireError:
         raise
     except (msgpack.UnpackException, ValueError, TypeError) as e:
-        raise WireError(f"message: not valid msgpack ({type(e).__name__}: {e})") from None
+        head = bytes(data[:16])
+        raise WireError(f"message: not valid msgpack ({type(e).__name__}: {e}); received {len(data)} bytes "
+                        f"starting {head!r}") from None
