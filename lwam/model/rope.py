@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lwam.model.layers import upcast
+
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
     s = head_dim // 6
@@ -79,7 +81,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> 
     if cos.is_complex():
         return apply_rope_complex(x, cos)
     b, s, h, d = x.shape
-    xf = x.float().reshape(b, s, h, d // 2, 2)
+    xf = upcast(x).reshape(b, s, h, d // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     c = cos[None, :, None, :]
     sn = sin[None, :, None, :]
