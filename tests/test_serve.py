@@ -393,3 +393,11 @@ def test_cli_serve_sigterm_exits_zero_and_eval_server(model, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_eval_needs_one_of_checkpoint_and_server(capsys):
+    from lwam.cli import main
+
+    assert main(["eval"]) == 2
+    assert main(["eval", "--checkpoint", "x", "--server", "ws://127.0.0.1:1"]) == 2
+    assert "exactly one of --checkpoint DIR and --server ws://HOST:PORT" in capsys.readouterr().err
