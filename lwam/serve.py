@@ -347,8 +347,17 @@ def serve_main(args) -> int:
     if not loopback and api_key is None:
         logger.warning(f"serve: binding {args.host} (not loopback) without an API key: anyone who can reach "
                        f"this port can query the policy")
-    policy = load_policy(args.checkpoint, device=device, eager=args.eager, compile=not args.no_compile,
-                         text_cache=args.text_cache, batch_sizes=sizes)
+    # SIGTERM while loading/compiling (before the event loop owns the signal): finish loading, exit 0.
+    early: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
+    try:
+        policy = load_policy(args.checkpoint, device=device, eager=args.eager, compile=not args.no_compile,
+                             text_cache=args.text_cache, batch_sizes=sizes)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if early:
+        print("lwam serve: SIGTERM during start-up; exiting before opening the port", flush=True)
+        return 0
     if args.executed_steps:
         policy.executed_steps = args.executed_steps
     server = PolicyServer(policy, host=args.host, port=args.port, api_key=api_key,
