@@ -64,7 +64,7 @@ def start_server(checkpoint: str, max_batch: int, compile: bool, threads: int | 
         cmd.append("--no-compile")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+        cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = []
     t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def main() -> int:
     ap.add_argument("--prompt", default="press the button from the top")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds per setting, at most")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server")
+    ap.add_argument("--threads", type=int, help="torch threads of the server (lwam serve --threads)")
     ap.add_argument("--openpi-python", default=os.environ.get("LWAM_OPENPI_PYTHON") or str(REPO / ".venv-openpi/bin/python"))
     ap.add_argument("--json", help="write the record here")
     args = ap.parse_args()
@@ -162,7 +162,7 @@ def main() -> int:
               f"server RSS {rss0:.0f} -> {rss1:.0f} MiB, startup {startup_s:.0f} s, exit {proc.returncode}",
               flush=True)
     base = next((r for r in runs if r["max_batch"] == 1), None)
-    record = {"host": platform.node(), "cpu_count": os.cpu_count(), "checkpoint": ckpt,
+    record = {"host": platform.node(), "cpu_count": os.cpu_count(), "checkpoint": ckpt, "threads": args.threads,
               "compile": not args.no_compile, "clients": args.clients, "requests_per_client": args.requests,
               "runs": runs}
     if base is not None:

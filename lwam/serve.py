@@ -338,6 +338,8 @@ def serve_main(args) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = batch_sizes_for(args.max_batch)
     api_key = args.api_key or os.environ.get("LWAM_API_KEY") or None
     try:
@@ -384,6 +386,7 @@ def add_serve_parser(sub) -> None:
     sv.add_argument("--executed-steps", type=int, help="advertised executed steps (default: the checkpoint's)")
     sv.add_argument("--text-cache", help="text contexts of extra instructions (safetensors or .pt)")
     sv.add_argument("--device", help="default cuda if available, else cpu")
+    sv.add_argument("--threads", type=int, help="torch intra-op threads (on a shared CPU, 1 is often fastest)")
     sv.add_argument("--no-compile", action="store_true", help="the transformed Policy without torch.compile")
     sv.add_argument("--eager", action="store_true", help="serve the plain eager model (debugging)")
     sv.set_defaults(func=serve_main)
