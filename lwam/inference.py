@@ -760,3 +760,56 @@ class Policy:
         return (f"Policy(preset={self.cfg.name!r}, device={self.device}, dtype={self.dtype}, "
                 f"compile={o.compile}, cuda_graphs={o.cuda_graphs}, merge_lora={o.merge_lora}, "
                 f"truncate={o.truncate}, fold_pooling={o.fold_pooling}, single_frame_vae={o.single_frame_vae})")
+
+    # --- robot-facing API: LeRobot-style observations, action queue (lwam.observation) -----------
+    @property
+    def executed_steps(self) -> int:
+        """Actions :meth:`select_action` executes from each chunk (default: the checkpoint's
+        ``cfg.data.executed_steps``, the value it was trained and evaluated with); assignable."""
+        return getattr(self, "_executed_steps", None) or self.cfg.data.executed_steps
+
+    @executed_steps.setter
+    def executed_steps(self, n: int) -> None:
+        from lwam.observation import check_executed_steps
+        self._executed_steps = check_executed_steps(n, self.cfg.chunk_size)
+
+    @property
+    def instructions(self) -> list[str]:
+        """The instructions with a cached text context (any other needs ``text_encoder``)."""
+        return sorted(self._raw_text)
+
+    def can_answer(self, instruction: str) -> bool:
+        return instruction in self._raw_text or self.text_encoder is not None
+
+    def observation_spec(self) -> dict[str, dict[str, Any]]:
+        """``{key: {"shape", "dtype"}}`` of every array of an observation (see lwam.observation)."""
+        from lwam.observation import observation_spec
+        return observation_spec(self.cfg.data, self.cfg.proprio_dim)
+
+    def predict_action_chunk(self, observation: Mapping[str, Any]) -> Any:
+        """LeRobot-style observation dict (``observation.images.<camera>``, ``observation.state``,
+        ``task`` or ``prompt``; lwam.observation) -> de-normalised actions [H, A] float32, or [B, H, A] for a
+        batched observation (numpy, or a torch tensor when ``observation.state`` is one). The cameras are
+        composed and rotated as in training, then :meth:`predict` / :meth:`predict_batch` answers."""
+        from lwam.observation import parse_observation
+
+        obs = parse_observation(observation, self.cfg.data, self.cfg.proprio_dim)
+        if obs.batched:
+            out = self.predict_batch(obs.images, obs.instructions, obs.proprio)
+        else:
+            out = self.predict(obs.images[0], obs.instructions[0], obs.proprio[0])
+        return torch.from_numpy(out) if obs.torch_out else out
+
+    def select_action(self, observation: Mapping[str, Any]) -> Any:
+        """The next action [A] (or [B, A]): every :attr:`executed_steps` calls one
+        :meth:`predict_action_chunk` refills the queue; the calls between only pop it."""
+        from lwam.observation import ActionQueue
+
+        if getattr(self, "_action_queue", None) is None:
+            self._action_queue = ActionQueue()
+        return self._action_queue.pop(lambda: self.predict_action_chunk(observation), self.executed_steps)
+
+    def reset(self) -> None:
+        """Forget the queued actions (call at the start of every episode)."""
+        if getattr(self, "_action_queue", None) is not None:
+            self._action_queue.clear()
