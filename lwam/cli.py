@@ -116,6 +116,12 @@ def _rank() -> int:
 
 # --- commands --------------------------------------------------------------------------------------------
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.build:
+        from lwam.info import build_info, format_build_info
+
+        record = build_info()
+        print(json.dumps(record, indent=2) if args.json else format_build_info(record))
+        return 0
     from lwam.config import get_preset
     from lwam.info import format_info, model_info
 
@@ -270,24 +276,38 @@ def _cmd_train_vae(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from lwam.checkpoint import load_checkpoint
     from lwam.envs.evaluate import evaluate
-    from lwam.pipeline import make_policy
 
-    model, stats = load_checkpoint(args.checkpoint)
-    if stats is None:
-        raise ValueError(f"--checkpoint {args.checkpoint}: no stats.json (normalisation statistics); cannot "
-                         f"de-normalise actions")
-    executed = args.executed_steps or model.cfg.data.executed_steps
-    if executed > model.cfg.chunk_size:
-        raise ValueError(f"--executed-steps: expected at most the chunk size {model.cfg.chunk_size}, got {executed}")
-    policy = make_policy(model, stats, compiled=not args.eager)
+    if bool(args.checkpoint) == bool(args.server):
+        raise ValueError("lwam eval needs exactly one of --checkpoint DIR and --server ws://HOST:PORT")
+    if args.server:
+        from lwam.remote import RemotePolicy
+
+        policy = RemotePolicy(args.server, api_key=args.api_key or os.environ.get("LWAM_API_KEY"))
+        spec = policy.metadata["observation_spec"]
+        cameras = policy.cameras
+        size = int(spec[f"observation.images.{cameras[0]}"]["shape"][0])
+        executed, chunk = policy.executed_steps, int(policy.metadata["chunk_size"])
+    else:
+        from lwam.checkpoint import load_checkpoint
+        from lwam.pipeline import make_policy
+
+        model, stats = load_checkpoint(args.checkpoint)
+        if stats is None:
+            raise ValueError(f"--checkpoint {args.checkpoint}: no stats.json (normalisation statistics); cannot "
+                             f"de-normalise actions")
+        policy = make_policy(model, stats, eager=args.eager)
+        cameras, size, executed = model.cfg.data.cameras, model.cfg.data.image_height, model.cfg.data.executed_steps
+        chunk = model.cfg.chunk_size
+    executed = args.executed_steps or executed
+    if executed > chunk:
+        raise ValueError(f"--executed-steps: expected at most the chunk size {chunk}, got {executed}")
     out = {}
     for blind in ([False, True] if args.blind else [False]):
         out["blind" if blind else "policy"] = evaluate(
             policy, args.tasks, args.episodes, executed_steps=executed,
             max_steps=args.max_steps, blind=blind, video_dir=None if blind else args.videos,
-            progress=not args.no_progress, cameras=model.cfg.data.cameras, size=model.cfg.data.image_height)
+            progress=not args.no_progress, cameras=cameras, size=size)
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -331,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter and token counts of a preset (no weights allocated)", **fmt)
     info.add_argument("--preset", default="paper", choices=presets, help="model preset")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.add_argument("--build", action="store_true",
+                      help="what was built and what runs: lwam._C, Triton kernels, the GPU's launch config")
     info.set_defaults(func=_cmd_info)
 
     col = sub.add_parser("collect", help="collect scripted-expert demos into a LeRobot dataset", **fmt)
@@ -383,8 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("eval", help="closed-loop evaluation of a checkpoint on Meta-World", **fmt)
-    ev.add_argument("--checkpoint", required=True, type=checkpoint_dir, help="our checkpoint directory")
+    ev = sub.add_parser("eval", help="closed-loop evaluation on Meta-World, in-process or through `lwam serve`", **fmt)
+    ev.add_argument("--checkpoint", type=checkpoint_dir, help="our checkpoint directory (evaluate in-process)")
+    ev.add_argument("--server", help="ws://HOST:PORT of `lwam serve` (evaluate through the server)")
+    ev.add_argument("--api-key", help="API key for --server (default: $LWAM_API_KEY)")
     ev.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, metavar="TASK", help="Meta-World v3 task names")
     ev.add_argument("--episodes", type=positive_int, default=10, help="episodes per task (unseen seeds)")
     ev.add_argument("--executed-steps", type=positive_int,
@@ -392,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-steps", type=positive_int, default=200, help="step limit per episode")
     ev.add_argument("--blind", action="store_true", help="also run the blind-vision control")
     ev.add_argument("--videos", help="directory for rollout videos")
-    ev.add_argument("--eager", action="store_true", help="use the eager model instead of the compiled Policy")
+    ev.add_argument("--eager", action="store_true",
+                    help="use lwam.eager.EagerPolicy (the plain model) instead of the compiled Policy")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_eval)
 
@@ -410,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lwam.bench_latency import add_bench_parser
     add_bench_parser(sub)
+    from lwam.serve import add_serve_parser
+    add_serve_parser(sub)
     return p
 
 

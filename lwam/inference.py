@@ -376,6 +376,27 @@ def _load_text_cache(text_cache: Any) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 # static-buffer runners
 # ------------------------------------------------------------------------------------------------
+# torch.compile modes that capture CUDA graphs on their own (Inductor's cudagraph trees), mapped to the
+# same compilation without that capture: used while the Policy captures the whole path itself.
+SELF_CAPTURING_COMPILE_MODES: dict[str, str | None] = {"reduce-overhead": None,
+                                                        "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def single_capture_mode(compile_mode: str | None, policy_captures: bool) -> str | None:
+    """The torch.compile mode to use so that only one mechanism captures CUDA graphs: with the Policy's
+    own capture on, a self-capturing mode becomes its capture-free twin (one log line says so)."""
+    if compile_mode is not None and not isinstance(compile_mode, str):
+        raise TypeError(f"compile_mode: expected a str or None, got {type(compile_mode).__name__}")
+    if policy_captures and compile_mode in SELF_CAPTURING_COMPILE_MODES:
+        twin = SELF_CAPTURING_COMPILE_MODES[compile_mode]
+        log_once(f"policy.compile-mode.{compile_mode}",
+                 f"Policy: compile_mode={compile_mode!r} would capture CUDA graphs inside the Policy's own "
+                 f"capture; compiling with mode={twin!r} instead (the Policy's graph gives the same launch "
+                 f"savings; cuda_graphs=False keeps {compile_mode!r})")
+        return twin
+    return compile_mode
+
+
 class _Runner:
     """Static buffers + the compiled (and, on CUDA, graph-captured) path for one input shape (B, H, W)."""
 
@@ -438,8 +459,13 @@ class _Runner:
             self.warmup()
         if self.graph is not None:
             self.graph.replay()
-            return self.out
+            # The static output is rewritten by the next replay of this shape, and (graphs of all shapes
+            # share one memory pool) may be by a replay of another shape: the caller gets its own copy
+            # ([B, H, A] fp32, a few KB), so a held result never changes under it.
+            return self.out.clone()
         self.out = self.policy._fn(*self.args())
+        if self.policy.options.compile_mode in SELF_CAPTURING_COMPILE_MODES:
+            return self.out.clone()  # Inductor's own CUDA graphs reuse their output memory the same way
         return self.out
 
 
@@ -477,6 +503,10 @@ class Policy:
 
     def _compile(self, fullgraph: bool):
         o = self.options
+        if o.cuda_graphs and o.compile_mode in SELF_CAPTURING_COMPILE_MODES:
+            raise ValueError(f"compile_mode: {o.compile_mode!r} captures CUDA graphs itself, which would nest "
+                             f"inside the Policy's own capture (cuda_graphs=True); use "
+                             f"{SELF_CAPTURING_COMPILE_MODES[o.compile_mode]!r} or cuda_graphs=False")
         kw: dict[str, Any] = {"dynamic": False, "fullgraph": fullgraph, "backend": o.compile_backend}
         if o.compile_mode is not None:
             kw["mode"] = o.compile_mode
@@ -501,6 +531,10 @@ class Policy:
         model's; ``dtype``: default bf16 on CUDA, fp32 elsewhere; ``cuda_graphs``: default on for CUDA.
         The transformation switches are described in the module docstring; ``compile_mode`` and
         ``compile_backend`` go to ``torch.compile`` (always ``dynamic=False``: one static graph per shape).
+        One capture mechanism at a time: with the Policy's own CUDA graphs on, a mode that captures graphs
+        itself is translated to its capture-free twin ("reduce-overhead" -> default, "max-autotune" ->
+        "max-autotune-no-cudagraphs"), with one log line; ``cuda_graphs=False`` keeps it as given.
+        Every query returns a tensor the caller owns (a copy of the graph's static output).
         """
         from lwam.validate import check_device
 
@@ -511,6 +545,7 @@ class Policy:
         graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         if graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {dev}")
+        compile_mode = single_capture_mode(compile_mode, graphs and bool(compile))
         opts = InferenceOptions(merge_lora=merge_lora, truncate=truncate, fold_pooling=fold_pooling,
                                 single_frame_vae=single_frame_vae, compile=bool(compile), cuda_graphs=graphs,
                                 compile_mode=compile_mode, compile_backend=compile_backend)
@@ -657,8 +692,8 @@ class Policy:
     def predict_normalized(self, images: Any, instructions: Sequence[str] | str, proprio_normalized: torch.Tensor
                            ) -> torch.Tensor:
         """Low-level query: images as in :meth:`predict_batch`, proprio already normalised [B, P] ->
-        normalised actions [B, H, A] fp32 on the policy's device (a view of the static output buffer on
-        CUDA-graph runs: copy it before the next query)."""
+        normalised actions [B, H, A] fp32 on the policy's device (the caller's own tensor: a later query
+        does not change it)."""
         x, instr, prop, _ = self._check(images, instructions, proprio_normalized, batched=True)
         return self._run(x, instr, proprio_normalized.detach().float().cpu())
 
@@ -725,3 +760,56 @@ class Policy:
         return (f"Policy(preset={self.cfg.name!r}, device={self.device}, dtype={self.dtype}, "
                 f"compile={o.compile}, cuda_graphs={o.cuda_graphs}, merge_lora={o.merge_lora}, "
                 f"truncate={o.truncate}, fold_pooling={o.fold_pooling}, single_frame_vae={o.single_frame_vae})")
+
+    # --- robot-facing API: LeRobot-style observations, action queue (lwam.observation) -----------
+    @property
+    def executed_steps(self) -> int:
+        """Actions :meth:`select_action` executes from each chunk (default: the checkpoint's
+        ``cfg.data.executed_steps``, the value it was trained and evaluated with); assignable."""
+        return getattr(self, "_executed_steps", None) or self.cfg.data.executed_steps
+
+    @executed_steps.setter
+    def executed_steps(self, n: int) -> None:
+        from lwam.observation import check_executed_steps
+        self._executed_steps = check_executed_steps(n, self.cfg.chunk_size)
+
+    @property
+    def instructions(self) -> list[str]:
+        """The instructions with a cached text context (any other needs ``text_encoder``)."""
+        return sorted(self._raw_text)
+
+    def can_answer(self, instruction: str) -> bool:
+        return instruction in self._raw_text or self.text_encoder is not None
+
+    def observation_spec(self) -> dict[str, dict[str, Any]]:
+        """``{key: {"shape", "dtype"}}`` of every array of an observation (see lwam.observation)."""
+        from lwam.observation import observation_spec
+        return observation_spec(self.cfg.data, self.cfg.proprio_dim)
+
+    def predict_action_chunk(self, observation: Mapping[str, Any]) -> Any:
+        """LeRobot-style observation dict (``observation.images.<camera>``, ``observation.state``,
+        ``task`` or ``prompt``; lwam.observation) -> de-normalised actions [H, A] float32, or [B, H, A] for a
+        batched observation (numpy, or a torch tensor when ``observation.state`` is one). The cameras are
+        composed and rotated as in training, then :meth:`predict` / :meth:`predict_batch` answers."""
+        from lwam.observation import parse_observation
+
+        obs = parse_observation(observation, self.cfg.data, self.cfg.proprio_dim)
+        if obs.batched:
+            out = self.predict_batch(obs.images, obs.instructions, obs.proprio)
+        else:
+            out = self.predict(obs.images[0], obs.instructions[0], obs.proprio[0])
+        return torch.from_numpy(out) if obs.torch_out else out
+
+    def select_action(self, observation: Mapping[str, Any]) -> Any:
+        """The next action [A] (or [B, A]): every :attr:`executed_steps` calls one
+        :meth:`predict_action_chunk` refills the queue; the calls between only pop it."""
+        from lwam.observation import ActionQueue
+
+        if getattr(self, "_action_queue", None) is None:
+            self._action_queue = ActionQueue()
+        return self._action_queue.pop(lambda: self.predict_action_chunk(observation), self.executed_steps)
+
+    def reset(self) -> None:
+        """Forget the queued actions (call at the start of every episode)."""
+        if getattr(self, "_action_queue", None) is not None:
+            self._action_queue.clear()

@@ -24,6 +24,15 @@ def _zero_images(obs: dict[str, Any]) -> dict[str, Any]:
     return {**obs, "images": {k: np.zeros_like(v) for k, v in obs["images"].items()}}
 
 
+def _query(policy: Any, obs: dict[str, Any]) -> np.ndarray:
+    """One chunk: robot-facing policies (``predict_action_chunk``: lwam.inference.Policy, lwam.eager.EagerPolicy,
+    lwam.remote.RemotePolicy) get the LeRobot-style observation, plain callables the simulator's."""
+    if hasattr(policy, "predict_action_chunk"):
+        from lwam.observation import from_sim_observation
+        return policy.predict_action_chunk(from_sim_observation(obs))
+    return policy(obs)
+
+
 def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str], episodes_per_task: int,
              seed_start: int = EVAL_SEED_START, executed_steps: int = 8, max_steps: int = 200,
              blind: bool = False, video_dir: str | os.PathLike | None = None, progress: bool = True,
@@ -32,8 +41,9 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
     """Run ``policy`` closed-loop.
 
     Args:
-        policy: obs dict {"images": {camera: uint8 [S, S, 3]}, "proprio": float32 [4], "instruction": str}
-            -> actions [H, 4] numpy (de-normalised). If it has a ``reset()`` method, it is called at the
+        policy: an object with ``predict_action_chunk(observation)`` (LeRobot-style dict, lwam.observation),
+            or a callable obs dict {"images": {camera: uint8 [S, S, 3]}, "proprio": float32 [4],
+            "instruction": str} -> actions [H, 4] numpy (de-normalised). If it has a ``reset()`` method, it is called at the
             start of every episode.
         tasks: Meta-World v3 task names.
         episodes_per_task: episodes per task (seeds ``seed_start .. seed_start + episodes_per_task - 1``).
@@ -82,7 +92,7 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
                     obs = task.reset(seed)
                     if warmup_ms is None:  # compile / first-call costs stay out of the latency
                         t0 = time.perf_counter()
-                        policy(_zero_images(obs) if blind else obs)
+                        _query(policy, _zero_images(obs) if blind else obs)
                         warmup_ms = (time.perf_counter() - t0) * 1000.0
                         if hasattr(policy, "reset"):
                             policy.reset()
@@ -90,7 +100,7 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
                     while not success and steps < max_steps:
                         query = _zero_images(obs) if blind else obs
                         t0 = time.perf_counter()
-                        chunk = np.asarray(policy(query), dtype=np.float32)
+                        chunk = np.asarray(_query(policy, query), dtype=np.float32)
                         latencies.append((time.perf_counter() - t0) * 1000.0)
                         if chunk.ndim != 2 or chunk.shape[1] != task.action_dim or chunk.shape[0] < 1:
                             raise ValueError(f"policy: expected actions [H, {task.action_dim}], got "
