@@ -22,7 +22,7 @@ from lwam.config import get_preset  # noqa: E402
 from lwam.inference import Policy  # noqa: E402
 from lwam.model.lightwam import LightWAM  # noqa: E402
 from lwam.remote import RemotePolicy, RemotePolicyError  # noqa: E402
-from lwam.serve import PolicyServer  # noqa: E402
+from lwam.serve import PolicyServer, batch_sizes_for  # noqa: E402
 from lwam.testing import assert_close  # noqa: E402
 from lwam.wire import WireError, packb, unpackb  # noqa: E402
 
@@ -221,6 +221,24 @@ def test_small_load_concurrent_clients(policy, tmp_path):
     print(f"load: p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, mean batch {res['mean_batch_size']:.2f}, "
           f"{stats['batches']} batches, max RSS {rss0 / 1024:.0f} -> "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def test_batches_fill_warmed_sizes_without_padding(policy):
+    """Of 5 waiting single requests, 4 go now (a warmed-up size) and 1 waits; padding only when nothing fits."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    server = PolicyServer(policy, port=0, max_batch=8)
+    assert server.batch_sizes == [1, 2, 4, 8]
+
+    def reqs(*rows):
+        return deque(SimpleNamespace(rows=r) for r in rows)
+
+    for rows, taken, left in [((1,) * 5, 4, 1), ((1,) * 3, 2, 1), ((1,) * 9, 8, 1), ((3,), 3, 0), ((2, 1, 1, 3), 4, 1), ((3, 3), 6, 0)]:
+        pending = reqs(*rows)
+        batch, n = server._take(pending)
+        assert (n, len(pending)) == (taken, left), rows
+    assert server.batch_sizes == [1, 2, 4, 8] and batch_sizes_for(6) == [1, 2, 4, 6]
 
 
 # --- queue, shutdown, auth (lwam's own client) -------------------------------------------------------------
