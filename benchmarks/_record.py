@@ -1,4 +1,5 @@
-"""JSON benchmark records under benchmarks/results/ (written only when LWAM_BENCH_RECORD=1).
+"""JSON benchmark records under benchmarks/results/ (written only when LWAM_BENCH_RECORD=1; the directory
+is ``LWAM_BENCH_RESULTS`` when set, e.g. by benchmarks/gpu_check.sh).
 
 A record holds the environment (device name, torch / triton / CUDA versions, git commit, threads) and the
 suite's results (shapes, medians, peak memory, whatever the suite adds). Files are written to a temporary
@@ -18,6 +19,10 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+    return Path(os.environ["LWAM_BENCH_RESULTS"]) if os.environ.get("LWAM_BENCH_RESULTS") else RESULTS_DIR
 
 
 def recording() -> bool:
@@ -59,8 +64,9 @@ def write_record(benchmark: str, device: str, results: list[dict], **extra: Any)
     if not recording() or not results:
         return None
     record = {"benchmark": benchmark, **environment(device), **extra, "results": results}
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{benchmark}-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{benchmark}-{device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     tmp.replace(path)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _record import results_dir
 
 from lwam.ops.latent_downsample import implementation, latent_downsample
 from lwam.reference.latent_downsample import latent_downsample as reference
@@ -132,8 +133,8 @@ def _record():
         "median_GB/s_by_case": {c: statistics.median(r["GB/s"] for r in _RESULTS if r["case"] == c)
                                 for c in {r["case"] for r in _RESULTS}},
     }
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
+    out_dir = results_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"latent_downsample-{DEVICE}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from lwam._safe_load import read_safetensors, torch_load_plain
 
 from lwam._atomic import atomic_path
 from lwam.config import LightWAMConfig
@@ -56,6 +58,11 @@ def save_checkpoint(model, path: str | os.PathLike, *, stats: dict | None = None
     """Write ``model`` (a LightWAM) to directory ``path``. ``stats``: normalisation statistics (JSON-able);
     ``trainer_state``: optimiser/scheduler/RNG/data position for resume (tensors and plain containers)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        from lwam.errors import NonFiniteError
+        raise NonFiniteError(f"checkpoint {path}: not written, tensor {bad!r} holds non-finite values "
+                             f"(the run diverged)", metric=bad)
 
     def fill(d: Path) -> None:
         (d / CONFIG_FILE).write_text(model.cfg.to_json())
@@ -72,7 +79,21 @@ def load_config(path: str | os.PathLike) -> LightWAMConfig:
     p = Path(path) / CONFIG_FILE
     if not p.is_file():
         raise FileNotFoundError(f"not an lwam checkpoint (no {CONFIG_FILE}): {path}")
-    return LightWAMConfig.from_dict(json.loads(p.read_text()))
+    d = _read_json(p, "checkpoint config")
+    try:
+        return LightWAMConfig.from_dict(d)
+    except (TypeError, AttributeError, KeyError) as e:
+        from lwam.errors import WeightFileError
+        raise WeightFileError(f"checkpoint config {p}: not an lwam model config ({type(e).__name__}: {e})") from None
+
+
+def _read_json(p: Path, what: str) -> Any:
+    from lwam.errors import WeightFileError
+
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightFileError(f"{what} {p}: not valid JSON ({e})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -82,13 +103,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
     cfg = load_config(path)
     model = LightWAM(cfg)
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    state = read_safetensors(Path(path) / WEIGHTS_FILE, "checkpoint weights")
     load_into(model, state, f"checkpoint {path}")
     stats_file = Path(path) / STATS_FILE
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+    stats = _read_json(stats_file, "normalisation statistics") if stats_file.is_file() else None
     return model.to(device), stats
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any] | None:
     f = Path(path) / TRAINER_FILE
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+    return torch_load_plain(f, "trainer state") if f.is_file() else None

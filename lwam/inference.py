@@ -1,6 +1,6 @@
 """Policy: the optimised single-pass action decoder (observation -> de-normalised action chunk).
 
-One action query (SPEC.md, "Inference"): VAE-encode the current composed frame -> cached text context +
+One action query (docs/model.md, "Inference"): VAE-encode the current composed frame -> cached text context +
 proprio token -> one backbone pass at t = 0 up to the last tapped layer -> StateFusionActionExpert ->
 normalised actions [B, H, A] -> de-normalise.
 
@@ -12,7 +12,7 @@ same weights (tests/test_inference.py):
   and removed, so a LoRA target costs one GEMM;
 * ``truncate``: blocks after the last tapped layer are deleted (they cannot change the action); with
   ``truncate=False`` the policy keeps and runs the whole backbone, as the published implementation does;
-* ``fold_pooling``: the folded learned-query pooling matrices (DESIGN.md, "The fused ops", 1) are computed
+* ``fold_pooling``: the folded learned-query pooling matrices (docs/design.md, "Fused pooling") are computed
   once, in fp32, from the frozen pooler weights (``lwam.modules.query_pool.fold_for_inference``); every
   query runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps
   after it, with no per-call parameter algebra;
@@ -363,10 +363,11 @@ def _load_text_cache(text_cache: Any) -> dict[str, torch.Tensor]:
     path = Path(text_cache)
     if not path.is_file():
         raise FileNotFoundError(f"text cache not found: {path}")
+    from lwam._safe_load import read_safetensors, torch_load_plain
+
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
+        return read_safetensors(path, "text cache")
+    data = torch_load_plain(path, "text cache")
     if not isinstance(data, Mapping):
         raise ValueError(f"text cache {path}: expected a dict instruction -> tensor, got {type(data).__name__}")
     return dict(data)
@@ -375,6 +376,27 @@ def _load_text_cache(text_cache: Any) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 # static-buffer runners
 # ------------------------------------------------------------------------------------------------
+# torch.compile modes that capture CUDA graphs on their own (Inductor's cudagraph trees), mapped to the
+# same compilation without that capture: used while the Policy captures the whole path itself.
+SELF_CAPTURING_COMPILE_MODES: dict[str, str | None] = {"reduce-overhead": None,
+                                                        "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def single_capture_mode(compile_mode: str | None, policy_captures: bool) -> str | None:
+    """The torch.compile mode to use so that only one mechanism captures CUDA graphs: with the Policy's
+    own capture on, a self-capturing mode becomes its capture-free twin (one log line says so)."""
+    if compile_mode is not None and not isinstance(compile_mode, str):
+        raise TypeError(f"compile_mode: expected a str or None, got {type(compile_mode).__name__}")
+    if policy_captures and compile_mode in SELF_CAPTURING_COMPILE_MODES:
+        twin = SELF_CAPTURING_COMPILE_MODES[compile_mode]
+        log_once(f"policy.compile-mode.{compile_mode}",
+                 f"Policy: compile_mode={compile_mode!r} would capture CUDA graphs inside the Policy's own "
+                 f"capture; compiling with mode={twin!r} instead (the Policy's graph gives the same launch "
+                 f"savings; cuda_graphs=False keeps {compile_mode!r})")
+        return twin
+    return compile_mode
+
+
 class _Runner:
     """Static buffers + the compiled (and, on CUDA, graph-captured) path for one input shape (B, H, W)."""
 
@@ -437,8 +459,13 @@ class _Runner:
             self.warmup()
         if self.graph is not None:
             self.graph.replay()
-            return self.out
+            # The static output is rewritten by the next replay of this shape, and (graphs of all shapes
+            # share one memory pool) may be by a replay of another shape: the caller gets its own copy
+            # ([B, H, A] fp32, a few KB), so a held result never changes under it.
+            return self.out.clone()
         self.out = self.policy._fn(*self.args())
+        if self.policy.options.compile_mode in SELF_CAPTURING_COMPILE_MODES:
+            return self.out.clone()  # Inductor's own CUDA graphs reuse their output memory the same way
         return self.out
 
 
@@ -476,6 +503,10 @@ class Policy:
 
     def _compile(self, fullgraph: bool):
         o = self.options
+        if o.cuda_graphs and o.compile_mode in SELF_CAPTURING_COMPILE_MODES:
+            raise ValueError(f"compile_mode: {o.compile_mode!r} captures CUDA graphs itself, which would nest "
+                             f"inside the Policy's own capture (cuda_graphs=True); use "
+                             f"{SELF_CAPTURING_COMPILE_MODES[o.compile_mode]!r} or cuda_graphs=False")
         kw: dict[str, Any] = {"dynamic": False, "fullgraph": fullgraph, "backend": o.compile_backend}
         if o.compile_mode is not None:
             kw["mode"] = o.compile_mode
@@ -500,14 +531,21 @@ class Policy:
         model's; ``dtype``: default bf16 on CUDA, fp32 elsewhere; ``cuda_graphs``: default on for CUDA.
         The transformation switches are described in the module docstring; ``compile_mode`` and
         ``compile_backend`` go to ``torch.compile`` (always ``dynamic=False``: one static graph per shape).
+        One capture mechanism at a time: with the Policy's own CUDA graphs on, a mode that captures graphs
+        itself is translated to its capture-free twin ("reduce-overhead" -> default, "max-autotune" ->
+        "max-autotune-no-cudagraphs"), with one log line; ``cuda_graphs=False`` keeps it as given.
+        Every query returns a tensor the caller owns (a copy of the graph's static output).
         """
+        from lwam.validate import check_device
+
         cfg = model.cfg
-        dev = torch.device(device) if device is not None else model.proprio_encoder.weight.device
+        dev = check_device(device) if device is not None else model.proprio_encoder.weight.device
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         if graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {dev}")
+        compile_mode = single_capture_mode(compile_mode, graphs and bool(compile))
         opts = InferenceOptions(merge_lora=merge_lora, truncate=truncate, fold_pooling=fold_pooling,
                                 single_frame_vae=single_frame_vae, compile=bool(compile), cuda_graphs=graphs,
                                 compile_mode=compile_mode, compile_backend=compile_backend)
@@ -524,6 +562,10 @@ class Policy:
         """From our checkpoint directory (config.json + model.safetensors [+ stats.json]), or from a
         published Light-WAM ``.pt`` with ``Wan2.1_VAE.pth`` in the same directory (see :meth:`from_release`;
         pass ``vae_path``/``text_cache``/``stats``/``cfg`` through ``kwargs``)."""
+        from lwam.validate import check_device
+
+        if device is not None:
+            check_device(device)  # before loading anything
         p = Path(path)
         if p.is_file() and p.suffix == ".pt":
             vae_path = kwargs.pop("vae_path", None) or p.with_name("Wan2.1_VAE.pth")
@@ -599,7 +641,11 @@ class Policy:
                ) -> tuple[torch.Tensor, list[str], torch.Tensor, bool]:
         cfg = self.cfg
         factor = cfg.vae.spatial_factor * cfg.dit.patch_size[1]
+        from lwam.validate import check_finite, check_image_size, check_unit_range
+
         x = prepare_images(images, batched, factor)
+        check_image_size(x.shape[2], x.shape[3], cfg)
+        check_unit_range(x, "images")
         b = x.shape[0]
         is_numpy = isinstance(proprio, np.ndarray)
         if is_numpy:
@@ -615,6 +661,7 @@ class Policy:
             raise ValueError(f"proprio: expected [B={b}, {p}], got {tuple(proprio.shape)}")
         if not (proprio.is_floating_point() or proprio.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"proprio: expected a float tensor, got {proprio.dtype}")
+        check_finite(proprio, "proprio")
         if isinstance(instructions, str):
             instructions = [instructions] * b
         if not isinstance(instructions, Sequence) or not all(isinstance(s, str) for s in instructions):
@@ -645,8 +692,8 @@ class Policy:
     def predict_normalized(self, images: Any, instructions: Sequence[str] | str, proprio_normalized: torch.Tensor
                            ) -> torch.Tensor:
         """Low-level query: images as in :meth:`predict_batch`, proprio already normalised [B, P] ->
-        normalised actions [B, H, A] fp32 on the policy's device (a view of the static output buffer on
-        CUDA-graph runs: copy it before the next query)."""
+        normalised actions [B, H, A] fp32 on the policy's device (the caller's own tensor: a later query
+        does not change it)."""
         x, instr, prop, _ = self._check(images, instructions, proprio_normalized, batched=True)
         return self._run(x, instr, proprio_normalized.detach().float().cpu())
 

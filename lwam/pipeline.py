@@ -78,12 +78,13 @@ def train_vae_stage(model, windows, out_dir: Path, steps: int, batch_size: int =
 
 def cache_latents_stage(model, windows, path: Path, batch_size: int = 16, progress: bool = True):
     """Encode every window once (resumable) -> LatentWindows over the memory-mapped cache."""
-    from lwam.data.cache import CachedWindowDataset, build_latent_cache
+    from lwam.data.cache import CachedWindowDataset, build_latent_cache, state_digest
 
     model.vae.eval()
+    depends = {"vae": state_digest(model.vae)}  # other VAE weights or statistics give other latents
     build_latent_cache(windows, model.encode_video, path, batch_size=batch_size, progress=progress,
-                       dtype="float32")
-    return LatentWindows(CachedWindowDataset(windows, path))
+                       dtype="float32", depends_on=depends)
+    return LatentWindows(CachedWindowDataset(windows, path, depends_on=depends))
 
 
 def compile_failures() -> tuple[type[BaseException], ...]:

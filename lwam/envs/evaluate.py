@@ -2,7 +2,9 @@
 
 The policy is queried with the raw observation, returns a chunk of H de-normalised actions, the first
 ``executed_steps`` are executed open-loop, then it is queried again. An episode ends at the first success
-or after ``max_steps`` steps. Episode e of a task uses seed ``seed_start + e``; the default
+or after ``max_steps`` steps. Before the first episode the policy is queried once on the first
+observation, untimed in the latency figures: that call compiles (``lwam.Policy``) and warms caches; its
+time is reported separately as ``warmup_ms``. Episode e of a task uses seed ``seed_start + e``; the default
 ``seed_start`` (:data:`lwam.envs.metaworld.EVAL_SEED_START`) lies far above the seeds demo collection
 uses, so evaluation always runs on unseen object positions.
 """
@@ -53,8 +55,8 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
         cameras, size: rendered cameras and image side, as in the training data.
     Returns:
         {"success": {task: rate}, "success_rate": mean over tasks, "mean_steps": float,
-         "mean_steps_per_task": {task: float}, "query_latency_ms": mean policy-call time,
-         "num_queries": int, "episodes": {task: [{"seed", "success", "steps"}]}, "blind": bool,
+         "mean_steps_per_task": {task: float}, "query_latency_ms": mean policy-call time (warm-up
+         excluded), "warmup_ms": the warm-up call, "num_queries": int (timed calls), "episodes": {task: [{"seed", "success", "steps"}]}, "blind": bool,
          "videos": [paths], "seed_start": int, "wall_time_s": float}
     """
     from tqdm.auto import tqdm
@@ -65,8 +67,13 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
         raise ValueError(f"episodes_per_task: expected >= 1, got {episodes_per_task}")
     if executed_steps < 1:
         raise ValueError(f"executed_steps: expected >= 1, got {executed_steps}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps: expected >= 1, got {max_steps}")
+    if not tasks:
+        raise ValueError("tasks: expected at least one task name")
     t_start = time.perf_counter()
     latencies: list[float] = []
+    warmup_ms: float | None = None
     results: dict[str, list[dict[str, Any]]] = {}
     videos: list[str] = []
     vdir = Path(video_dir) if video_dir is not None else None
@@ -83,6 +90,12 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
                     if hasattr(policy, "reset"):
                         policy.reset()
                     obs = task.reset(seed)
+                    if warmup_ms is None:  # compile / first-call costs stay out of the latency
+                        t0 = time.perf_counter()
+                        policy(_zero_images(obs) if blind else obs)
+                        warmup_ms = (time.perf_counter() - t0) * 1000.0
+                        if hasattr(policy, "reset"):
+                            policy.reset()
                     success, steps = False, 0
                     while not success and steps < max_steps:
                         query = _zero_images(obs) if blind else obs
@@ -121,6 +134,7 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
         "mean_steps": float(np.mean(all_steps)),
         "mean_steps_per_task": steps_per_task,
         "query_latency_ms": float(np.mean(latencies)) if latencies else 0.0,
+        "warmup_ms": warmup_ms,
         "num_queries": len(latencies),
         "episodes": results,
         "blind": bool(blind),

@@ -28,7 +28,7 @@ against the reference configuration; tolerances from ``lwam.testing``):
     (impl, grid, device) instead of rebuilding them on every forward. Bit-identical tables.
 ``fused_pooling``
     The SFAE's learned-query pooling of the tapped layers through the fused ``lwam::query_pool`` op (all
-    layers in one launch, attention folded algebraically: DESIGN.md "The fused ops", 1) instead of the
+    layers in one launch, attention folded algebraically: docs/design.md, "Fused pooling") instead of the
     plain per-layer ``nn.MultiheadAttention`` pooler. Exact up to summation order.
 ``fused_downsample``
     The video branch's 2x2 spatial mean through ``lwam::latent_downsample`` (lwam._C) instead of
