@@ -365,7 +365,8 @@ def test_eval_through_server_equals_in_process(policy):
             remote = Recording(rp)
             res_remote = evaluate(remote, [task], 1, **kw)
     res_local = evaluate(local, [task], 1, **kw)
-    assert res_local["episodes"] == res_remote["episodes"] and len(local.chunks) == len(remote.chunks) == 3
+    # 3 queries per episode of 24 steps, plus evaluate's one warm-up query
+    assert res_local["episodes"] == res_remote["episodes"] and len(local.chunks) == len(remote.chunks) == 4
     assert all(np.array_equal(a, b) for a, b in zip(local.chunks, remote.chunks))
 
 
@@ -406,16 +407,18 @@ def test_cli_serve_sigterm_exits_zero_and_eval_server(model, tmp_path):
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, "".join(lines) + rest
-        assert "stopped after 1 requests (0 errors" in rest
+        assert "stopped after 2 requests (0 errors" in rest  # evaluate's warm-up query + 1
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def test_eval_needs_one_of_checkpoint_and_server(capsys):
+def test_eval_needs_one_of_checkpoint_and_server(model, capsys, tmp_path):
+    from lwam.checkpoint import save_checkpoint
     from lwam.cli import main
 
+    save_checkpoint(model, tmp_path / "ckpt", stats=STATS)
     assert main(["eval"]) == 2
-    assert main(["eval", "--checkpoint", "x", "--server", "ws://127.0.0.1:1"]) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--server", "ws://127.0.0.1:1"]) == 2
     assert "exactly one of --checkpoint DIR and --server ws://HOST:PORT" in capsys.readouterr().err
