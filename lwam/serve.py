@@ -256,23 +256,27 @@ class PolicyServer:
 
     # --- batching ------------------------------------------------------------------------------
     async def _batcher(self) -> None:
-        carry: _Request | None = None
+        from collections import deque
+
+        pending: deque = deque()  # taken from the queue but left for the next batch (FIFO, first)
+        stopping = False
         while True:
-            first = carry if carry is not None else await self._queue.get()
-            carry = None
-            if first is None:
-                return
-            batch, rows = [first], first.rows
-            while not self._queue.empty():
+            if not pending:
+                if stopping:
+                    return
+                first = await self._queue.get()
+                if first is None:
+                    return
+                pending.append(first)
+            rows = sum(r.rows for r in pending)
+            while rows < self.max_batch and not stopping and not self._queue.empty():
                 nxt = self._queue.get_nowait()
-                if nxt is None:  # shutdown sentinel: finish this batch first
-                    self._queue.put_nowait(None)
+                if nxt is None:  # shutdown sentinel: answer everything taken, then stop
+                    stopping = True
                     break
-                if rows + nxt.rows > self.max_batch:
-                    carry = nxt
-                    break
-                batch.append(nxt)
+                pending.append(nxt)
                 rows += nxt.rows
+            batch, rows = self._take(pending)
             t0 = time.perf_counter()
             try:
                 out = await self._loop.run_in_executor(self._executor, self._infer, batch)
@@ -290,6 +294,22 @@ class PolicyServer:
                 if not r.future.done():
                     r.future.set_result((out[i:i + r.rows], timing))
                 i += r.rows
+
+    def _take(self, pending) -> tuple[list[_Request], int]:
+        """The longest prefix of ``pending`` (FIFO) that fits ``max_batch`` and fills a warmed-up batch size
+        exactly, so that no compute goes to padding (the rest waits for the next batch); the longest prefix
+        that fits, padded, when no prefix fills one exactly."""
+        best_exact, fit, rows = 0, 0, 0
+        for i, r in enumerate(pending):
+            if rows + r.rows > self.max_batch:
+                break
+            rows += r.rows
+            fit = i + 1
+            if rows in self.batch_sizes:
+                best_exact = i + 1
+        n = best_exact or fit
+        batch = [pending.popleft() for _ in range(n)]
+        return batch, sum(r.rows for r in batch)
 
     def _infer(self, batch: list[_Request]) -> np.ndarray:
         """Worker thread: one predict_batch over the batch's rows, padded to a warmed-up size."""

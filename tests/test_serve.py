@@ -22,7 +22,7 @@ from lwam.config import get_preset  # noqa: E402
 from lwam.inference import Policy  # noqa: E402
 from lwam.model.lightwam import LightWAM  # noqa: E402
 from lwam.remote import RemotePolicy, RemotePolicyError  # noqa: E402
-from lwam.serve import PolicyServer  # noqa: E402
+from lwam.serve import PolicyServer, batch_sizes_for  # noqa: E402
 from lwam.testing import assert_close  # noqa: E402
 from lwam.wire import WireError, packb, unpackb  # noqa: E402
 
@@ -223,6 +223,24 @@ def test_small_load_concurrent_clients(policy, tmp_path):
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
+def test_batches_fill_warmed_sizes_without_padding(policy):
+    """Of 5 waiting single requests, 4 go now (a warmed-up size) and 1 waits; padding only when nothing fits."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    server = PolicyServer(policy, port=0, max_batch=8)
+    assert server.batch_sizes == [1, 2, 4, 8]
+
+    def reqs(*rows):
+        return deque(SimpleNamespace(rows=r) for r in rows)
+
+    for rows, taken, left in [((1,) * 5, 4, 1), ((1,) * 3, 2, 1), ((1,) * 9, 8, 1), ((3,), 3, 0), ((2, 1, 1, 3), 4, 1), ((3, 3), 6, 0)]:
+        pending = reqs(*rows)
+        batch, n = server._take(pending)
+        assert (n, len(pending)) == (taken, left), rows
+    assert server.batch_sizes == [1, 2, 4, 8] and batch_sizes_for(6) == [1, 2, 4, 6]
+
+
 # --- queue, shutdown, auth (lwam's own client) -------------------------------------------------------------
 class Gated:
     """The policy, with predict_batch held until ``gate`` opens (to control what is in flight)."""
@@ -347,8 +365,8 @@ def test_eval_through_server_equals_in_process(policy):
             remote = Recording(rp)
             res_remote = evaluate(remote, [task], 1, **kw)
     res_local = evaluate(local, [task], 1, **kw)
-    # one untimed warm-up query (evaluate's compile/first-call guard), then three chunks of 8 steps
-    assert res_local["episodes"] == res_remote["episodes"] and len(local.chunks) == len(remote.chunks) == 1 + 3
+    # 3 queries per episode of 24 steps, plus evaluate's one warm-up query
+    assert res_local["episodes"] == res_remote["episodes"] and len(local.chunks) == len(remote.chunks) == 4
     assert all(np.array_equal(a, b) for a, b in zip(local.chunks, remote.chunks))
 
 
@@ -389,17 +407,18 @@ def test_cli_serve_sigterm_exits_zero_and_eval_server(model, tmp_path):
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, "".join(lines) + rest
-        assert "stopped after 2 requests (0 errors" in rest  # evaluate's warm-up query + one chunk
+        assert "stopped after 2 requests (0 errors" in rest  # evaluate's warm-up query + 1
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def test_eval_needs_one_of_checkpoint_and_server(capsys, tmp_path):
+def test_eval_needs_one_of_checkpoint_and_server(model, capsys, tmp_path):
+    from lwam.checkpoint import save_checkpoint
     from lwam.cli import main
 
+    save_checkpoint(model, tmp_path / "ckpt", stats=STATS)
     assert main(["eval"]) == 2
-    (tmp_path / "config.json").write_text("{}")  # passes --checkpoint's argument check
-    assert main(["eval", "--checkpoint", str(tmp_path), "--server", "ws://127.0.0.1:1"]) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--server", "ws://127.0.0.1:1"]) == 2
     assert "exactly one of --checkpoint DIR and --server ws://HOST:PORT" in capsys.readouterr().err
