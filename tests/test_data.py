@@ -12,7 +12,7 @@ import torch
 from lwam.config import get_preset
 from lwam.data.cache import CachedWindowDataset, TextCache, build_latent_cache, build_text_cache
 from lwam.data.cameras import compose_cameras, compose_observation, compose_uint8
-from lwam.data.lerobot import LeRobotDataset, LeRobotWriter, VideoDecodeError
+from lwam.data.lerobot import LeRobotReader, LeRobotWriter, VideoDecodeError
 from lwam.data.normalize import Normalizer, compute_stats, dataset_stats
 from lwam.data.windows import WindowDataset, collate_windows
 
@@ -65,7 +65,7 @@ def test_lerobot_round_trip(dataset_dir):
     assert (root / "videos/chunk-000/observation.images.gripper/episode_000002.mp4").is_file()
     for name in ("episodes.jsonl", "tasks.jsonl", "episodes_stats.jsonl"):
         assert (root / "meta" / name).is_file()
-    ds = LeRobotDataset(root)
+    ds = LeRobotReader(root)
     assert ds.num_episodes == 3 and ds.cameras == ["corner", "gripper"]
     assert ds.tasks == ["press the button", "open the drawer"]
     idx_seen = []
@@ -92,7 +92,7 @@ def test_writer_appends_after_restart(tmp_path):
     w2 = LeRobotWriter(root, **args)  # a new process continuing the same dataset
     assert w2.num_episodes == 1
     w2.add_episode(np.ones((4, 2)), np.ones((4, 3)), {"cam": np.zeros((4, 16, 16, 3), np.uint8)}, "b")
-    ds = LeRobotDataset(root)
+    ds = LeRobotReader(root)
     assert ds.num_episodes == 2 and ds.tasks == ["a", "b"]
     np.testing.assert_array_equal(ds.episode_data(1)["index"], np.arange(5, 9))
     with pytest.raises(ValueError, match="actions"):
@@ -225,7 +225,7 @@ def test_normalizer_round_trip(mode):
 
 def test_dataset_stats_stored(dataset_dir):
     root, episodes = dataset_dir
-    stats = dataset_stats(LeRobotDataset(root))
+    stats = dataset_stats(LeRobotReader(root))
     assert (root / "meta" / "lwam_stats.json").is_file()
     all_ac = np.concatenate([e[1] for e in episodes])
     np.testing.assert_allclose(stats["action"]["min"], all_ac.min(0), rtol=1e-6)
@@ -250,7 +250,7 @@ def test_bad_video_names_the_file(dataset_dir, tmp_path, damage):
         bad.write_bytes(data[: len(data) // 3])
     else:
         bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
-    ds = LeRobotDataset(root)
+    ds = LeRobotReader(root)
     with pytest.raises((FileNotFoundError, VideoDecodeError), match="episode_000001.mp4"):
         ds.episode_video(1, "gripper")
     win = WindowDataset(ds, _data_cfg(), frame_cache="memory")

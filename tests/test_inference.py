@@ -221,9 +221,12 @@ def test_from_release_files(model, tmp_path):
                "proprio_encoder": model.proprio_encoder.state_dict(), "step": 7, "torch_dtype": "float32"}
     torch.save(release, tmp_path / "lightwam.pt")
     torch.save(model.vae.state_dict(), tmp_path / "Wan2.1_VAE.pth")
-    cfg = copy.deepcopy(model.cfg)
-    cache = {s: model.text.get([s])[0] for s in INSTR}
+    from lwam.model.text import build_text_cache
+
+    cfg = copy.deepcopy(model.cfg.replace(**{"text.encoder": "cache"}))  # contexts from the file only
+    cache = build_text_cache(INSTR, cfg.text, tmp_path / "text.safetensors", encoder=model.text.encoder)
     pol = Policy.from_checkpoint(tmp_path / "lightwam.pt", compile=False, cfg=cfg, text_cache=cache)
+    assert sorted(pol.instructions) == sorted(INSTR)
     images, instr, proprio = _inputs(model.cfg, 2, seed=9)
     assert_close(pol.predict_batch(images, instr, proprio), _eager(model, images, instr, proprio),
                  dtype=torch.float32)
