@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lwam.checkpoint import save_checkpoint
-    from lwam.config import get_preset
+    from lwam.config import ImplConfig, get_preset
     from lwam.model.lightwam import LightWAM
     from lwam.pipeline import cache_latents_stage, make_windows
     from lwam.train import Trainer
@@ -42,7 +42,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         over["train.batch_size"] = args.batch_size
     if args.lr:
         over["train.lr"] = args.lr
+    if args.text_cache:  # the run's text contexts come from this file, not from an encoder
+        over["text.encoder"] = "cache"
     cfg = cfg.replace(**over)
+    impl = ImplConfig.named(args.impl)
     out = Path(args.out)
     windows, stats = make_windows(args.dataset, cfg, window_stride=args.window_stride, progress=not args.no_progress)
     if args.vae:
@@ -64,13 +67,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dit:
         from lwam.model.weights import load_wan_dit
         load_wan_dit(model.dit, args.dit)
+    instructions = list(windows.dataset.tasks)
     if args.text_cache:
-        from lwam.data.cache import TextCache
-        cache = TextCache.load(args.text_cache)
-        for instruction in cache.instructions:
-            model.text.add(instruction, cache[instruction][0])
+        from lwam.model.text import TextContextCache
+
+        cache = TextContextCache.load(args.text_cache, cfg.text)
+        missing = [s for s in instructions if s not in cache]
+        if missing:
+            raise ValueError(f"--text-cache {args.text_cache}: no context for the dataset's instructions "
+                             f"{missing[:3]} ({len(missing)} of {len(instructions)} missing)")
+        model.text.update(cache.subset(instructions))
+    else:
+        model.text.get(instructions)  # encode once, so that the checkpoints carry every training instruction
     train_set = cache_latents_stage(model, windows, out / "latents.npy", progress=not args.no_progress)
-    trainer = Trainer(model, train_set, out, stats=stats, progress=not args.no_progress)
+    trainer = Trainer(model, train_set, out, impl=impl, stats=stats, progress=not args.no_progress)
     res = trainer.train()
     path = save_checkpoint(model, out / "final", stats=stats)
     print(json.dumps({"checkpoint": str(path), **res}, indent=2, default=str))
@@ -167,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out")
     tr.add_argument("--vae", help="VAE weights: vae.safetensors from `lwam train vae`, or Wan2.1_VAE.pth")
     tr.add_argument("--dit", help="Wan2.1 DiT diffusion_pytorch_model.safetensors (paper preset)")
-    tr.add_argument("--text-cache", help="text contexts of the dataset's instructions (safetensors, "
-                                         "lwam.data.cache.build_text_cache); presets with a built-in encoder need none")
+    tr.add_argument("--text-cache", help="text contexts of the dataset's instructions (a TextContextCache file, "
+                                         "lwam.model.text.build_text_cache); presets with a built-in encoder need none")
+    tr.add_argument("--impl", choices=["fast", "reference"], default="fast",
+                    help="how the training step computes (lwam.config.ImplConfig): the fast implementation "
+                         "(default) or the published arithmetic; recorded in every checkpoint (impl.json)")
     tr.add_argument("--steps", type=int)
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--lr", type=float)

@@ -93,6 +93,94 @@ def estimate_latent_stats(vae: WanVAE, frames: torch.Tensor | Dataset, batch_siz
     """
     clips = _Clips(frames, vae)
     was_training = vae.training
+    vae.eval()
+    device = vae.conv1.weight.device
+    total = torch.zeros(vae.z_dim, dtype=torch.float64)
+    total_sq = torch.zeros(vae.z_dim, dtype=torch.float64)
+    count = 0
+    for x in _batches(clips, batch_size, max_clips):
+        mu, _ = vae.encode_moments(x.to(device), chunked=False)
+        mu = mu.double().transpose(0, 1).reshape(vae.z_dim, -1).cpu()
+        total += mu.sum(1)
+        total_sq += mu.square().sum(1)
+        count += mu.shape[1]
+    vae.train(was_training)
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0.0).sqrt().clamp_min(1e-6)
+    return mean.float(), std.float()
+
+
+def save_vae_checkpoint(vae: WanVAE, path: str | os.PathLike, step: int | None = None) -> Path:
+    """Write ``vae``'s state dict as safetensors at ``path`` atomically (temporary file, then rename), with
+    the VAE config and latent statistics in the metadata. Returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()}
+    meta = {
+        "format": "lwam-wan-vae",
+        "config": json.dumps(dataclasses.asdict(vae.cfg)),
+        "latent_mean": json.dumps([float(v) for v in vae.latent_mean]),
+        "latent_std": json.dumps([float(v) for v in vae.latent_std]),
+    }
+    if step is not None:
+        meta["step"] = str(step)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return path
+
+
+def load_vae_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> WanVAE:
+    """Rebuild a VAE written by :func:`save_vae_checkpoint` (config and latent statistics from the
+    metadata, tensors checked strictly against the layout)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        meta = fh.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path}: no 'config' in the safetensors metadata; load it with "
+                         f"WanVAE(cfg).load_pretrained(path) instead")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["config"]).items()}
+    vae = WanVAE(VAEConfig(**fields)).load_pretrained(path)
+    return vae.to(device).eval()
+
+
+def train_vae(vae: WanVAE, frames: torch.Tensor | Dataset, steps: int = 300, lr: float = 2e-3,
+              batch_size: int = 8, out_dir: str | os.PathLike | None = None, progress: bool = True,
+              seed: int = 0, log: Callable[[dict[str, Any]], None] | None = None, *,
+              kl_weight: float = 1e-6, weight_decay: float = 0.01, grad_clip: float = 1.0,
+              warmup_steps: int | None = None, clip_frames: int | None = None, sample_posterior: bool = False,
+              log_every: int = 10, eval_clips: int = 16, update_latent_stats: bool = True) -> dict[str, Any]:
+    """Train ``vae`` in place on clips ``frames`` ([N, 3, T, H, W] in [-1, 1], or a Dataset of [3, T, H, W]).
+
+    Each step draws ``batch_size`` clips (shuffled epochs, seeded by ``seed``); with ``clip_frames`` (1 + f*k)
+    a random window of that many frames is cut from each batch, which is cheaper than whole clips. Loss:
+    L1 + MSE between the clip and the reconstruction of a posterior sample (the mean if not
+    ``sample_posterior``) + ``kl_weight`` * KL(q || N(0, 1)) (per element). ``log`` receives a metrics dict
+    every ``log_every`` steps. Afterwards (if ``update_latent_stats``) the latent statistics are re-estimated
+    on up to 256 training clips and set on the VAE (see the module docstring), and if ``out_dir`` is given,
+    ``out_dir/vae.safetensors`` is written atomically.
+
+    Returns the final metrics: ``loss``, ``l1``, ``mse``, ``kl`` (mean over the last ``log_every`` steps),
+    ``recon_l1``, ``recon_mse``, ``psnr`` (deterministic encode + decode, clamped, on up to ``eval_clips``
+    training clips; PSNR for the [-1, 1] range), ``steps``, ``seconds``, ``latent_mean``, ``latent_std``
+    (lists) and ``checkpoint`` (path or None).
+    """
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"steps, batch_size, lr: expected positive values, got {steps}, {batch_size}, {lr}")
+    clips = _Clips(frames, vae)
+    f = vae.temporal_factor
+    if clip_frames is not None and (clip_frames < 1 or (clip_frames - 1) % f or clip_frames > clips.num_frames):
+        raise ValueError(f"clip_frames: expected 1 + {f}*k and at most T = {clips.num_frames}, got {clip_frames}")
+    device = vae.conv1.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    warmup = warmup_steps if warmup_steps is not None else min(20, max(1, steps // 10))
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99),
+                            weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps, floor=0.1))
+
+    was_training = vae.training
     vae.train()
     order: list[int] = []
     window: list[tuple[float, float, float, float]] = []
