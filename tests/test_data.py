@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lwam.config import get_preset
-from lwam.data.cache import CachedWindowDataset, TextCache, build_latent_cache, build_text_cache
+from lwam.data.cache import CachedWindowDataset, build_latent_cache
 from lwam.data.cameras import compose_cameras, compose_observation, compose_uint8
 from lwam.data.lerobot import LeRobotReader, LeRobotWriter, VideoDecodeError
 from lwam.data.normalize import Normalizer, compute_stats, dataset_stats
@@ -311,19 +311,34 @@ def test_latent_cache_resumes_after_interruption(dataset_dir, tmp_path):
     assert b["latents"].shape == (2, 6, 3, S // 8, 2 * S // 8)
 
 
-def test_text_cache(tmp_path):
-    instr = ["press the button", "open the drawer", "reach"]
+def test_text_cache_file_round_trip(tmp_path):
+    """The one text-cache format: build_text_cache writes it, TextContextCache.load reads it (shapes
+    checked against the config), the prompt template is applied before encoding."""
+    from lwam.config import TextConfig
+    from lwam.model.text import TextContextCache, build_text_cache
 
-    def enc(batch):
-        ctx = torch.stack([torch.full((4, 8), float(len(s))) for s in batch])
-        mask = torch.stack([torch.arange(4) < min(4, len(s.split())) for s in batch])
-        return ctx, mask
+    cfg = TextConfig(dim=8, max_tokens=4, encoder="cache", prompt_template="do: {instruction}")
+    instr = ["press the button", "open the drawer", "reach", "reach"]
+    seen = []
 
-    path = build_text_cache(instr, enc, tmp_path / "text.safetensors", batch_size=2)
-    tc = TextCache.load(path)
-    assert len(tc) == 3 and tc.instructions == instr
-    ctx, mask = tc["open the drawer"]
-    assert ctx.shape == (4, 8) and float(ctx[0, 0]) == len("open the drawer") and mask.tolist() == [1, 1, 1, 0]
-    c, m = tc.batch(torch.tensor([2, 0]))
-    assert c.shape == (2, 4, 8) and m.dtype == torch.bool and m[0].tolist() == [True, False, False, False]
-    assert not list(tmp_path.glob(".*tmp"))
+    def enc(prompts):
+        seen.extend(prompts)
+        return torch.stack([torch.full((4, 8), float(len(p))) for p in prompts])
+
+    path = build_text_cache(instr, cfg, tmp_path / "text.safetensors", encoder=enc, batch_size=2)
+    assert seen == ["do: press the button", "do: open the drawer", "do: reach"]  # each instruction once
+    tc = TextContextCache.load(path, cfg)
+    assert len(tc) == 3 and tc.instructions == instr[:3]
+    ctx = tc.get(["open the drawer", "reach"])
+    assert ctx.shape == (2, 4, 8) and float(ctx[0, 0, 0]) == len("do: open the drawer")
+    with pytest.raises(KeyError, match="no cached text context"):
+        tc.get(["never seen"])
+    assert not list(tmp_path.glob(".*tmp*"))
+    tc.add("never seen", torch.zeros(4, 8))
+    tc.save(tmp_path / "again.safetensors")
+    assert TextContextCache.load(tmp_path / "again.safetensors", cfg).instructions == [*instr[:3], "never seen"]
+    with pytest.raises(ValueError, match="expected"):  # another config's shapes
+        TextContextCache.load(path, TextConfig(dim=16, max_tokens=4))
+    (tmp_path / "other.safetensors").write_bytes(path.read_bytes()[:40])
+    with pytest.raises(Exception):
+        TextContextCache.load(tmp_path / "other.safetensors", cfg)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lwam.checkpoint import load_checkpoint
-from lwam.config import TrainConfig, get_preset
+from lwam.config import ImplConfig, TrainConfig, get_preset
 from lwam.model.lightwam import LightWAM
 from lwam.train import Trainer, global_batch_indices, lr_lambda, read_metrics
 
@@ -28,8 +28,8 @@ N_SAMPLES = 24
 
 
 def tiny_cfg(**train):
-    """The tiny preset with the reference pooling path (fast on CPU) and small training settings."""
-    over = {"expert.fused_pooling": False, "train.batch_size": 4, "train.warmup_steps": 2,
+    """The tiny preset with small training settings (models get the reference pooling path: build_model)."""
+    over = {"train.batch_size": 4, "train.warmup_steps": 2,
             "train.max_steps": 8, "train.log_every": 1, "train.save_every": 3, "train.seed": 0}
     over.update({f"train.{k}": v for k, v in train.items()})
     return get_preset("tiny").replace(**over)
@@ -37,7 +37,7 @@ def tiny_cfg(**train):
 
 def build_model(cfg, seed: int = 0, vae: bool = False) -> LightWAM:
     torch.manual_seed(seed)
-    return LightWAM(cfg, build_vae=vae)
+    return LightWAM(cfg, build_vae=vae, impl=ImplConfig(fused_pooling=False))  # reference pooling: fast on CPU
 
 
 class WindowDataset(torch.utils.data.Dataset):
