@@ -21,7 +21,7 @@ END = "<!-- gpu-results:end -->"
 _FIRST = ("case", "side", "mode", "shape_name", "shape", "dtype", "factor", "median_s", "median_ms",
           "samples_per_s", "GB/s", "speedup_vs_reference", "fraction_of_copy_bandwidth",
           "peak_memory_bytes", "peak_bytes", "memory_vs_reference")
-_SKIP = {"flags", "loss_check", "peak_memory_kind", "bytes", "min_ms", "max_ms", "rounds", "weights"}
+_SKIP = {"flags", "impl", "loss_check", "peak_memory_kind", "bytes", "min_ms", "max_ms", "rounds", "weights"}
 
 
 def load_records(results: Path) -> list[dict[str, Any]]:

@@ -8,11 +8,9 @@ contexts (``TextContextCache``, ``build_text_cache``). The fused ops are ``lwam.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
+from lwam._lazy import lazy_getattr  # noqa: E402
 from lwam.config import ImplConfig, LightWAMConfig, get_preset  # noqa: E402  (light, no torch work)
 
 _LAZY = {
@@ -27,8 +25,4 @@ _LAZY = {
 
 __all__ = ["ImplConfig", "LightWAMConfig", "get_preset", "__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lwam' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

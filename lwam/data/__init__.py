@@ -2,8 +2,7 @@
 the latent cache. Names load lazily."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lwam._lazy import lazy_getattr
 
 _LAZY = {
     "LeRobotReader": "lwam.data.lerobot",
@@ -18,8 +17,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lwam.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

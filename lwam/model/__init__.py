@@ -2,8 +2,7 @@
 model. Names load lazily (``import lwam.model`` imports no submodule until one is used)."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lwam._lazy import lazy_getattr
 
 _LAZY = {
     "LightWAM": "lwam.model.lightwam",
@@ -21,8 +20,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lwam.model' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -570,20 +570,15 @@ class WanVAE(nn.Module):
         return vae
 
     def _load_checked(self, state: dict[str, torch.Tensor], strict: bool = True, source: str = "state") -> None:
+        from lwam.model.weights import check_state_dict  # the one strict check (CheckpointMismatchError)
+
         own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        bad = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
-               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        problems = []
-        if bad:
-            problems.append("mis-shaped tensors: " + "; ".join(bad))
-        if strict and missing:
-            problems.append("missing tensors: " + ", ".join(missing))
-        if strict and unexpected:
-            problems.append("unexpected tensors: " + ", ".join(unexpected))
-        if problems:
-            raise ValueError(f"{source}: does not match the WanVAE layout -- " + " | ".join(problems))
+        expected = {k: tuple(v.shape) for k, v in own.items()}
+        found = state
+        if not strict:  # missing and unexpected tensors allowed; a shape mismatch never is
+            expected = {k: v for k, v in expected.items() if k in state}
+            found = {k: v for k, v in state.items() if k in own}
+        check_state_dict(expected, found, f"{source}: does not match the WanVAE layout")
         dtype = self._param_dtype()
         on_meta = any(p.is_meta for p in self.parameters())
         if on_meta:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from lwam.data.lerobot.format import ACTION_KEY, DEFAULT_CHUNKS_SIZE, IMAGE_PREFIX, STATE_KEY, _read_jsonl
-from lwam.data.lerobot.video import VideoDecodeError, _decode_time_range, decode_video
+from lwam.data.lerobot.video import _decode_time_range, decode_video
 
 
 class LeRobotReader:
