@@ -4,24 +4,28 @@ One action query (SPEC.md, "Inference"): VAE-encode the current composed frame -
 proprio token -> one backbone pass at t = 0 up to the last tapped layer -> StateFusionActionExpert ->
 normalised actions [B, H, A] -> de-normalise.
 
-:class:`Policy` builds a lean copy of a :class:`~lwam.model.lightwam.LightWAM` and applies exact
-transformations, each switchable and each checked against the eager ``LightWAM.predict_actions`` with the
-same weights (tests/test_inference.py):
+:class:`Policy` chooses among the model's own exact transformations (the model owns them; this module
+only chooses, copies, compiles and captures), each switchable and each checked against the eager
+``LightWAM.predict_actions`` with the same weights (tests/test_inference.py):
 
-* ``merge_lora``: every LoRA pair is folded into its frozen linear (``W + scale * up @ down``, in fp32)
-  and removed, so a LoRA target costs one GEMM;
-* ``truncate``: blocks after the last tapped layer are deleted (they cannot change the action); with
-  ``truncate=False`` the policy keeps and runs the whole backbone, as the published implementation does;
-* ``fold_pooling``: the folded learned-query pooling matrices (DESIGN.md, "The fused ops", 1) are computed
-  once, in fp32, from the frozen pooler weights (``lwam.modules.query_pool.fold_for_inference``); every
-  query runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps
-  after it, with no per-call parameter algebra;
-* ``single_frame_vae``: the current frame is one video frame, and every causal 3D convolution of the VAE
-  encoder sees it behind zero padding only, so each one is replaced by the 2D convolution with its last
-  temporal kernel slice (a third of the encoder FLOPs for 3x3x3 kernels; exact up to summation order);
-* text context cached per instruction: the embedded text tokens ``text_embedding(ctx)`` [Lt, D] are
-  computed once per instruction (the embedding MLP is per token); only the proprio token is embedded per
-  query. The t = 0 time modulation and the RoPE tables are constants computed once.
+* ``merge_lora`` (``DiTBlock.merge_lora_``): every LoRA pair is folded into its frozen linear
+  (``W + scale * up @ down``, in fp32) and removed, so a LoRA target costs one GEMM;
+* ``truncate`` (``WanDiT.action_copy``): the blocks after the last tapped layer and the video head are not
+  copied (they cannot change the action); with ``truncate=False`` the policy keeps and runs the whole
+  backbone, as the published implementation does. Both run ``WanDiT.run_blocks``, the model's loop;
+* ``fold_pooling`` (``StateFusionActionExpert.inference_copy``): the folded learned-query pooling matrices
+  (DESIGN.md, "The fused ops", 1) are computed once, in fp32, from the frozen pooler weights; every query
+  runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps after
+  it, with no per-call parameter algebra;
+* ``single_frame_vae`` (``WanVAE.frame_encoder``): the current frame is one video frame, and every causal
+  3D convolution of the VAE encoder sees it behind zero padding only, so each one is replaced by the 2D
+  convolution with its last temporal kernel slice (a third of the encoder FLOPs for 3x3x3 kernels; exact
+  up to summation order);
+* text context cached per instruction (``LightWAM.context_from_embedded``): the embedded text tokens
+  [Lt, D] are computed once per instruction (the embedding MLP is per token); only the proprio token is
+  embedded per query. The t = 0 time modulation and the RoPE tables are constants computed once. The
+  raw contexts come from the checkpoint's ``text.safetensors`` (a :class:`~lwam.model.text.TextContextCache`),
+  ``text_cache=`` or the config's text encoder.
 
 Then: weights in ``dtype`` (bf16 on CUDA by default), static input/output buffers per input shape,
 ``torch.compile`` of the whole observation -> action path (VAE encode included) and, on CUDA, capture of

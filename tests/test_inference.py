@@ -282,3 +282,22 @@ def test_bench_latency_cli_tiny(capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "random weights" in out and "speed-up" in out
+
+
+def test_policy_from_a_model_with_compiled_blocks_copies_eager_blocks(model):
+    """After training with ImplConfig.fast() the blocks are compiled in place; the policy's copies must run
+    their own (copied) weights, not the source's compiled forward. Nothing is compiled here: the compile
+    wrapper is lazy and the policy runs eagerly."""
+    from lwam.config import ImplConfig
+
+    compiled = copy.deepcopy(model).set_impl(ImplConfig.fast())
+    assert all(b._compiled_call_impl is not None for b in compiled.dit.blocks)
+    pol = Policy.from_model(compiled, compile=False)
+    assert all(b._compiled_call_impl is None for b in pol.fast.dit.blocks)
+    with torch.no_grad():  # a change to the source after the copy must not reach the policy
+        for p in compiled.dit.blocks[0].parameters():
+            p.add_(1.0)
+    want = Policy.from_model(model, compile=False)
+    images, instr, proprio = _inputs(model.cfg, 1, seed=11)
+    torch.testing.assert_close(pol.predict_batch(images, instr, proprio), want.predict_batch(images, instr, proprio),
+                               rtol=0, atol=0)
