@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lwam._atomic import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 BEGIN = "<!-- gpu-results:begin -->"
 END = "<!-- gpu-results:end -->"
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.readme} is out of date: run python benchmarks/make_table.py", file=sys.stderr)
             return 1
         return 0
-    tmp = args.readme.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(args.readme)
+    atomic_write_text(args.readme, new)
     print(f"wrote {args.readme}")
     return 0
 
