@@ -193,7 +193,7 @@ def run_latency(preset: str | None = None, checkpoint: str | None = None, device
         "image_hw": [h, w], "tokens": cfg.action_tokens(), "context_tokens": cfg.context_tokens(),
         "chunk_size": cfg.chunk_size, "dtype": str(dtype).replace("torch.", ""),
         "weights": f"checkpoint {checkpoint}" if checkpoint else "random weights (timing only)",
-        "iters": iters, "warmup": warmup,
+        "iters": iters, "warmup": warmup, "eager_impl": model.impl.to_dict(),
     }
 
     # --- Policy first, alone on the device ---------------------------------------------------------
