@@ -20,7 +20,7 @@ from torch import nn
 
 from lwam.config import AdapterConfig, DiTConfig, ImplConfig, LoRAConfig
 from lwam.model.attention import first_frame_causal_attention, dense_attention
-from lwam.model.layers import GELU, gelu, sinusoid
+from lwam.model.layers import GELU, gelu, sinusoid, upcast, upcast_dtype
 from lwam.model.lora import LoRA, linear_with_lora, merge_lora_
 from lwam.model.rope import apply_rope, rope_cos_sin, rope_freqs_complex
 
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -100,13 +100,13 @@ def _add_lora(module: nn.Module, prefix: str, d_in: int, d_out: int, lora: LoRAC
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
     """x [B, S, D] (S = F * n), shift/scale [B, F, D] fp32 -> x * (1 + scale) + shift per frame."""
     b, s, d = x.shape
-    xf = x.float().view(b, frames, s // frames, d)
+    xf = upcast(x).view(b, frames, s // frames, d)
     return (xf * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, s, d).to(x.dtype)
 
 
 def _gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, frames: int) -> torch.Tensor:
     b, s, d = x.shape
-    out = x.float().view(b, frames, s // frames, d) + y.float().view(b, frames, s // frames, d) * gate[:, :, None]
+    out = upcast(x).view(b, frames, s // frames, d) + upcast(y).view(b, frames, s // frames, d) * gate[:, :, None]
     return out.view(b, s, d).to(x.dtype)
 
 
@@ -133,7 +133,7 @@ class DiTBlock(nn.Module):
                 sin: torch.Tensor, n0: int) -> torch.Tensor:
         """x [B, S, D]; e [B, F, 6, D] fp32 time projection; context [B, Lc, D]."""
         frames = e.shape[1]
-        mod = self.modulation.float()[:, None] + e  # [B, F, 6, D]
+        mod = upcast(self.modulation)[:, None] + e  # [B, F, 6, D]
         sh1, sc1, g1, sh2, sc2, g2 = mod.unbind(2)
         y = self.self_attn(_modulate(self.norm1(x), sh1, sc1, frames), cos, sin, n0)
         x = _gated_add(x, y, g1, frames)
@@ -194,7 +194,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, S, D], e [B, F, D] fp32 time embedding -> [B, S, C_out * prod(patch)]."""
-        mod = self.modulation.float()[:, None] + e[:, :, None]  # [B, F, 2, D]
+        mod = upcast(self.modulation)[:, None] + e[:, :, None]  # [B, F, 2, D]
         shift, scale = mod.unbind(2)
         return self.head(_modulate(self.norm(x), shift, scale, e.shape[1]))
 
@@ -279,9 +279,10 @@ class WanDiT(nn.Module):
         return self.text_embedding(context)
 
     def time_embed(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """timesteps [B, F] -> (e [B, F, D], e6 [B, F, 6, D]), fp32."""
-        e = self.time_embedding(sinusoid(timesteps, self.cfg.freq_dim).float().to(self.time_embedding[0].weight.dtype)).float()
-        e6 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        """timesteps [B, F] -> (e [B, F, D], e6 [B, F, 6, D]), fp32 (fp64 for an fp64 model)."""
+        w = self.time_embedding[0].weight
+        e = upcast(self.time_embedding(sinusoid(timesteps, self.cfg.freq_dim).to(upcast_dtype(w.dtype)).to(w.dtype)))
+        e6 = upcast(self.time_projection(e.to(self.time_projection[1].weight.dtype)))
         return e, e6.unflatten(-1, (6, self.cfg.dim))
 
     def patchify(self, latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

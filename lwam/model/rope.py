@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lwam.model.layers import upcast
 from lwam.reference.rope import apply_rope_complex, rope_freqs_complex, rope_split
 
 __all__ = ["rope_split", "rope_angles", "rope_cos_sin", "rope_freqs_complex", "apply_rope", "apply_rope_complex"]
@@ -52,7 +53,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> 
     if cos.is_complex():
         return apply_rope_complex(x, cos)
     b, s, h, d = x.shape
-    xf = x.float().reshape(b, s, h, d // 2, 2)
+    xf = upcast(x).reshape(b, s, h, d // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     c = cos[None, :, None, :]
     sn = sin[None, :, None, :]

@@ -6,6 +6,9 @@
 * :class:`MultiLayerQueryPooler` -- a ModuleList of poolers whose forward is :func:`pool_layers`.
 * :func:`fold_for_inference` -- precomputes the folded matrices once for a frozen policy
   (:class:`FoldedQueryPooling`).
+* :func:`apply_fused_pooling` -- swaps :class:`LearnedQueryPooler` into a foreign model tree in place
+  (every module with the learned-query pooler's structure, e.g. the published Light-WAM poolers), keeping
+  its parameter objects, and returns the names it replaced.
 
 The fused path folds the attention (DESIGN.md, "The fused ops", 1): the parameter-side algebra (query
 projection through W_q and W_k, the token-norm gain, the value projection, W_o, the constant bias terms,
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lwam._logging import logger
 from lwam.ops.query_pool import query_pool, query_pool_kernel_available
 from lwam.reference.query_pool import (
     FoldedPoolerParams,
@@ -28,10 +32,11 @@ from lwam.reference.query_pool import (
     as_layers,
     fold_pooler_params,
     folded_pooler_post,
+    pooler_shape,
 )
 
 __all__ = ["LearnedQueryPooler", "MultiLayerQueryPooler", "FoldedQueryPooling", "pool_layers",
-           "fold_for_inference"]
+           "fold_for_inference", "apply_fused_pooling", "is_learned_query_pooler"]
 
 
 class LearnedQueryPooler(ReferenceQueryPooler):
@@ -40,12 +45,14 @@ class LearnedQueryPooler(ReferenceQueryPooler):
     Same parameters, initialisation and state-dict keys as :class:`ReferenceQueryPooler`
     (``token_norm.{weight,bias}``, ``query_tokens``, ``attn.in_proj_weight``, ``attn.in_proj_bias``,
     ``attn.out_proj.{weight,bias}``, ``query_merge_logits``, ``output_norm.{weight,bias}``).
-    ``fused=False`` (or no usable kernel) computes exactly the reference forward.
+    ``fused=False`` (or no usable kernel) computes exactly the reference forward. The constructor takes
+    the published Light-WAM pooler's arguments (``embed_dim, num_queries, num_heads, merge_dim,
+    merge_num_slots``) plus the keywords ``eps`` and ``fused``.
     """
 
-    def __init__(self, dim: int, num_queries: int = 16, num_heads: int = 8, eps: float = 1e-5,
-                 fused: bool = True) -> None:
-        super().__init__(dim, num_queries=num_queries, num_heads=num_heads, eps=eps)
+    def __init__(self, embed_dim: int, num_queries: int = 16, num_heads: int = 8, merge_dim: int | None = None,
+                 merge_num_slots: int = 2, *, eps: float = 1e-5, fused: bool = True) -> None:
+        super().__init__(embed_dim, num_queries, num_heads, merge_dim, merge_num_slots, eps=eps)
         self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
@@ -63,8 +70,9 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 def pool_layers(poolers: Sequence[nn.Module], xs: Sequence[Tensor] | Tensor, fused: bool = True) -> Tensor:
     """Pool L layers with their own poolers: ``poolers[l](xs[l])`` for every l, stacked to [B, L, D].
 
-    poolers: L :class:`LearnedQueryPooler` (or :class:`ReferenceQueryPooler`) sharing dim, heads, queries
-    and eps; xs: L tensors [B, S, D] or a tap buffer [L, B, S, D] (read in place).
+    poolers: L modules with the learned-query pooler's parameters (lwam's, or the published Light-WAM
+    ``LearnedQueryPooler`` with ``merge_dim=None``) sharing dim, heads, queries and eps; xs: L tensors
+    [B, S, D] or a tap buffer [L, B, S, D] (read in place).
     With ``fused`` and a usable kernel, all L layers go through one launch of ``lwam::query_pool``;
     otherwise each layer runs the reference forward.
     """
@@ -74,15 +82,17 @@ def pool_layers(poolers: Sequence[nn.Module], xs: Sequence[Tensor] | Tensor, fus
         raise ValueError(f"pool_layers: expected one pooler per layer, got {len(poolers)} poolers "
                          f"for {len(layers)} layers")
     p0 = poolers[0]
+    shape0 = (*pooler_shape(p0), p0.token_norm.eps)
     for i, p in enumerate(poolers):
-        if (p.dim, p.num_heads, p.num_queries, p.token_norm.eps) != (p0.dim, p0.num_heads, p0.num_queries,
-                                                                     p0.token_norm.eps):
-            raise ValueError(f"poolers[{i}]: (dim, heads, queries, eps) = "
-                             f"{(p.dim, p.num_heads, p.num_queries, p.token_norm.eps)} differs from poolers[0]'s "
-                             f"{(p0.dim, p0.num_heads, p0.num_queries, p0.token_norm.eps)}")
+        if getattr(p, "query_merge_projector", None) is not None:
+            raise ValueError(f"poolers[{i}]: a slot-merge pooler (merge_dim set) cannot be fused")
+        shape = (*pooler_shape(p), p.token_norm.eps)
+        if shape != shape0:
+            raise ValueError(f"poolers[{i}]: (dim, heads, queries, eps) = {shape} differs from poolers[0]'s {shape0}")
+    dim = shape0[0]
     for i, x in enumerate(layers):
-        if x.dim() != 3 or x.shape[-1] != p0.dim:
-            raise ValueError(f"xs[{i}]: expected [B, S, {p0.dim}], got {list(x.shape)}")
+        if x.dim() != 3 or x.shape[-1] != dim:
+            raise ValueError(f"xs[{i}]: expected [B, S, {dim}], got {list(x.shape)}")
     if not (fused and query_pool_kernel_available(layers[0])):
         return torch.stack([ReferenceQueryPooler.forward(p, x) for p, x in zip(poolers, layers)], dim=1)
 
@@ -150,3 +160,70 @@ def fold_for_inference(poolers: Sequence[nn.Module] | MultiLayerQueryPooler) -> 
     poolers = list(poolers)
     acc = _acc_dtype(poolers[0].query_tokens)
     return FoldedQueryPooling([fold_pooler_params(p, dtype=acc) for p in poolers], poolers[0].token_norm.eps)
+
+
+def is_learned_query_pooler(module: nn.Module) -> bool:
+    """Whether ``module`` has the structure of a learned-query pooler that :class:`LearnedQueryPooler`
+    computes exactly: ``query_tokens`` [Q, D]; ``token_norm`` and ``output_norm`` affine LayerNorm(D);
+    ``attn`` a batch-first ``nn.MultiheadAttention(D, H)`` with biases, no bias_k/zero-attention, no dropout;
+    ``query_merge_logits`` [Q]; no slot-merge projector. Parameter names, not class names, decide."""
+    qt, attn = getattr(module, "query_tokens", None), getattr(module, "attn", None)
+    if not (isinstance(qt, nn.Parameter) and qt.dim() == 2 and isinstance(attn, nn.MultiheadAttention)):
+        return False
+    q, d = qt.shape
+    norms_ok = all(isinstance(n, nn.LayerNorm) and tuple(n.normalized_shape) == (d,) and n.elementwise_affine
+                   and n.bias is not None
+                   for n in (getattr(module, "token_norm", None), getattr(module, "output_norm", None)))
+    logits = getattr(module, "query_merge_logits", None)
+    return (norms_ok and attn.batch_first and attn.embed_dim == d and attn._qkv_same_embed_dim
+            and attn.in_proj_bias is not None and attn.bias_k is None and not attn.add_zero_attn
+            and attn.dropout == 0.0 and isinstance(logits, nn.Parameter) and tuple(logits.shape) == (q,)
+            and getattr(module, "query_merge_projector", None) is None)
+
+
+def _fused_twin(old: nn.Module, fused: bool) -> LearnedQueryPooler | None:
+    """A :class:`LearnedQueryPooler` that holds ``old``'s own parameter objects, or None when ``old`` has
+    parameters or buffers beyond the pooler's (its forward might use them)."""
+    dim, heads, queries = pooler_shape(old)
+    with torch.device("meta"):
+        new = LearnedQueryPooler(dim, queries, heads, eps=old.token_norm.eps, fused=fused)
+    new.output_norm.eps = old.output_norm.eps
+    old_params = dict(old.named_parameters())
+    new_params = dict(new.named_parameters())
+    if set(old_params) != set(new_params) or any(True for _ in old.buffers()):
+        return None
+    if any(old_params[k].shape != v.shape for k, v in new_params.items()):
+        return None
+    for name, p in old_params.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(new.get_submodule(owner) if owner else new, attr, p)
+    return new.train(old.training)
+
+
+def apply_fused_pooling(model: nn.Module, fused: bool = True) -> list[str]:
+    """Replace, in place, every learned-query pooler under ``model`` (found by structure with
+    :func:`is_learned_query_pooler`, e.g. the published Light-WAM ``LearnedQueryPooler`` modules under
+    ``layer_poolers.{l}.adapted``) by a :class:`LearnedQueryPooler` that computes the same function
+    through the fused op. The new modules hold the old parameter objects (optimisers, hooks on
+    parameters and tied weights stay valid); state-dict keys are unchanged. Returns the qualified names of
+    the replaced modules and logs one line saying what was replaced. ``model`` itself is never replaced."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    replaced: list[str] = []
+    skipped: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not name or isinstance(module, LearnedQueryPooler) or not is_learned_query_pooler(module):
+            continue
+        if any(name.startswith(r + ".") for r in replaced):
+            continue
+        new = _fused_twin(module, fused)
+        if new is None:
+            skipped.append(name)
+            continue
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, new)
+        replaced.append(name)
+    logger.info(f"apply_fused_pooling: replaced {len(replaced)} learned-query pooler(s)"
+                + (f" ({', '.join(replaced)})" if replaced else "")
+                + (f"; left {len(skipped)} with extra parameters or buffers ({', '.join(skipped)})" if skipped else ""))
+    return replaced

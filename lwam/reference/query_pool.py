@@ -27,12 +27,21 @@ from torch import Tensor, nn
 
 __all__ = [
     "ReferenceQueryPooler",
+    "pooler_shape",
     "FoldedPoolerParams",
     "fold_pooler_params",
     "folded_pooler_post",
     "query_pool_folded_reference",
     "query_pool_folded_stats",
 ]
+
+
+def pooler_shape(pooler: nn.Module) -> tuple[int, int, int]:
+    """(D, H, Q) of any module with the learned-query pooler's parameters (``query_tokens`` [Q, D], ``attn``
+    an ``nn.MultiheadAttention`` with H heads), read from the parameters so that foreign poolers with the
+    same parameters but other attribute names work too."""
+    q, d = pooler.query_tokens.shape
+    return int(d), int(pooler.attn.num_heads), int(q)
 
 
 class ReferenceQueryPooler(nn.Module):
@@ -45,13 +54,28 @@ class ReferenceQueryPooler(nn.Module):
     Parameters (state-dict keys): ``token_norm.{weight,bias}`` [D], ``query_tokens`` [Q, D],
     ``attn.in_proj_weight`` [3D, D], ``attn.in_proj_bias`` [3D], ``attn.out_proj.{weight,bias}`` [D, D] / [D],
     ``query_merge_logits`` [Q], ``output_norm.{weight,bias}`` [D].
+
+    The constructor takes the published Light-WAM pooler's arguments (``embed_dim``, ``num_queries``,
+    ``num_heads``, ``merge_dim``, ``merge_num_slots``, in that order) plus the keyword ``eps``. Only the
+    learned softmax merge (``merge_dim=None``, what the released configuration uses) exists here;
+    ``merge_num_slots`` is read by the published code only when ``merge_dim`` is set.
     """
 
-    def __init__(self, dim: int, num_queries: int = 16, num_heads: int = 8, eps: float = 1e-5) -> None:
+    def __init__(self, embed_dim: int, num_queries: int = 16, num_heads: int = 8, merge_dim: int | None = None,
+                 merge_num_slots: int = 2, *, eps: float = 1e-5) -> None:
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.dim = dim
+        for name, value in (("embed_dim", embed_dim), ("num_queries", num_queries), ("num_heads", num_heads)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if merge_dim is not None:
+            raise ValueError(f"merge_dim: only the learned softmax merge (merge_dim=None) is implemented, "
+                             f"got merge_dim={merge_dim!r}")
+        dim = embed_dim
+        self.dim = self.embed_dim = self.output_dim = dim
+        self.merge_dim = None
+        self.merge_num_slots = merge_num_slots
         self.num_queries = num_queries
         self.num_heads = num_heads
         self.eps = eps
@@ -63,8 +87,9 @@ class ReferenceQueryPooler(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, S, D] -> [B, D]."""
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected [B, S, {self.dim}], got {list(x.shape)}")
+        dim = pooler_shape(self)[0]
+        if x.dim() != 3 or x.shape[-1] != dim:
+            raise ValueError(f"x: expected [B, S, {dim}], got {list(x.shape)}")
         kv = self.token_norm(x)
         q = self.query_tokens.to(kv.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         out, _ = self.attn(q, kv, kv, need_weights=False)  # [B, Q, D]
@@ -108,7 +133,7 @@ def fold_pooler_params(pooler: nn.Module, dtype: torch.dtype | None = None) -> F
     softmax weights sum to 1, so pooling commutes with the affine value map; the merge weights sum to 1
     and the merge is linear, so it commutes with the value and output projections.
     """
-    D, H, Q = pooler.dim, pooler.num_heads, pooler.num_queries
+    D, H, Q = pooler_shape(pooler)
     d = D // H
     dt = dtype or pooler.query_tokens.dtype
 
