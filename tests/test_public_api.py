@@ -16,7 +16,7 @@ FACES = {
            "save_checkpoint", "load_checkpoint", "TextContextCache", "build_text_cache"},
     lwam.ops: {"query_pool", "query_pool_kernel_available", "latent_downsample"},
     lwam.modules: {"LearnedQueryPooler", "MultiLayerQueryPooler", "FoldedQueryPooling", "pool_layers",
-                   "fold_for_inference"},
+                   "fold_for_inference", "apply_fused_pooling", "is_learned_query_pooler"},
     lwam.model: {"LightWAM", "WanDiT", "DiTBlock", "WanVAE", "FrameEncoder", "StateFusionActionExpert",
                  "FlowMatching", "TextContextCache", "build_text_cache", "make_text_encoder", "check_frozen"},
     lwam.data: {"LeRobotReader", "LeRobotWriter", "WindowDataset", "collate_windows", "Normalizer",
@@ -44,6 +44,8 @@ def test_faces_give_the_objects_themselves():
     assert lwam.TextContextCache is TextContextCache is lwam.model.TextContextCache
     assert lwam.data.LeRobotReader is LeRobotReader
     assert lwam.model.LightWAM is LightWAM
+    import lwam.modules.query_pool as qp
+    assert all(getattr(lwam.modules, n) is getattr(qp, n) for n in qp.__all__)
 
 
 def test_ops_face_gives_the_ops_not_their_modules():

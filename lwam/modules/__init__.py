@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from lwam.modules.query_pool import (FoldedQueryPooling, LearnedQueryPooler, MultiLayerQueryPooler,
-                                     fold_for_inference, pool_layers)
+                                     apply_fused_pooling, fold_for_inference, is_learned_query_pooler, pool_layers)
 
-__all__ = ["LearnedQueryPooler", "MultiLayerQueryPooler", "FoldedQueryPooling", "pool_layers", "fold_for_inference"]
+__all__ = ["LearnedQueryPooler", "MultiLayerQueryPooler", "FoldedQueryPooling", "pool_layers", "fold_for_inference",
+           "apply_fused_pooling", "is_learned_query_pooler"]
