@@ -75,7 +75,9 @@ class UnknownInstructionError(ValueError, KeyError):
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """Which exact transformations and which execution mode a :class:`Policy` uses."""
+    """Which of the model's exact transformations and which execution mode a :class:`Policy` uses. How
+    the copied modules compute (attention, RoPE) is the source model's :class:`~lwam.config.ImplConfig`;
+    with ``fold_pooling`` the pooling always runs the folded fused op."""
 
     merge_lora: bool = True
     truncate: bool = True
