@@ -83,7 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(model, train_set, out, impl=impl, stats=stats, progress=not args.no_progress)
     res = trainer.train()
     path = save_checkpoint(model, out / "final", stats=stats)
-    print(json.dumps({"checkpoint": str(path), **res}, indent=2, default=str))
+    print(json.dumps({"checkpoint": str(path), "impl": impl.to_dict(), **res}, indent=2, default=str))
     return 0
 
 

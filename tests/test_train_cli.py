@@ -53,7 +53,8 @@ def _train(files, out, *extra):
     assert rc == 0
 
 
-# "fast" (the default) compiles the DiT blocks: about two minutes of inductor on a small CPU, so slow tier.
+# "fast" (the default) compiles the DiT blocks: about two minutes of inductor on a small CPU, so slow tier
+# (tests/test_cli.py also checks that a default `lwam train` records ImplConfig.fast()).
 @pytest.mark.parametrize("impl", ["reference", pytest.param("fast", marks=pytest.mark.slow)])
 def test_lwam_train_records_impl_and_text_and_policy_answers(files, tmp_path, impl):
     run = tmp_path / "run"
