@@ -10,18 +10,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from lwam._lazy import lazy_getattr  # noqa: E402
+from lwam._lazy import lazy_getattr, lazy_names  # noqa: E402
 from lwam.config import ImplConfig, LightWAMConfig, get_preset  # noqa: E402  (light, no torch work)
 
-_LAZY = {
-    "LightWAM": "lwam.model.lightwam",
-    "Policy": "lwam.inference",
-    "Trainer": "lwam.train",
-    "save_checkpoint": "lwam.checkpoint",
-    "load_checkpoint": "lwam.checkpoint",
-    "TextContextCache": "lwam.model.text",
-    "build_text_cache": "lwam.model.text",
-}
+_LAZY = lazy_names({
+    "lwam.model.lightwam": ("LightWAM",),
+    "lwam.inference": ("Policy",),
+    "lwam.train": ("Trainer",),
+    "lwam.checkpoint": ("save_checkpoint", "load_checkpoint"),
+    "lwam.model.text": ("TextContextCache", "build_text_cache"),
+})
 
 __all__ = ["ImplConfig", "LightWAMConfig", "get_preset", "__version__", *_LAZY]
 

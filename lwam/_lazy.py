@@ -7,6 +7,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
+def lazy_names(modules: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """{module: (names, ...)} -> {name: module}."""
+    return {name: module for module, names in modules.items() for name in names}
+
+
 def lazy_getattr(package: str, names: Mapping[str, str]) -> Callable[[str], Any]:
     """A module-level ``__getattr__`` for ``package`` that imports ``names[name]`` and returns its ``name``."""
 

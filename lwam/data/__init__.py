@@ -2,18 +2,14 @@
 the latent cache. Names load lazily."""
 from __future__ import annotations
 
-from lwam._lazy import lazy_getattr
+from lwam._lazy import lazy_getattr, lazy_names
 
-_LAZY = {
-    "LeRobotReader": "lwam.data.lerobot",
-    "LeRobotWriter": "lwam.data.lerobot",
-    "WindowDataset": "lwam.data.windows",
-    "collate_windows": "lwam.data.windows",
-    "Normalizer": "lwam.data.normalize",
-    "dataset_stats": "lwam.data.normalize",
-    "CachedWindowDataset": "lwam.data.cache",
-    "build_latent_cache": "lwam.data.cache",
-}
+_LAZY = lazy_names({
+    "lwam.data.lerobot": ("LeRobotReader", "LeRobotWriter"),
+    "lwam.data.windows": ("WindowDataset", "collate_windows"),
+    "lwam.data.normalize": ("Normalizer", "dataset_stats"),
+    "lwam.data.cache": ("CachedWindowDataset", "build_latent_cache"),
+})
 
 __all__ = sorted(_LAZY)
 

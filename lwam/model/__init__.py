@@ -2,21 +2,17 @@
 model. Names load lazily (``import lwam.model`` imports no submodule until one is used)."""
 from __future__ import annotations
 
-from lwam._lazy import lazy_getattr
+from lwam._lazy import lazy_getattr, lazy_names
 
-_LAZY = {
-    "LightWAM": "lwam.model.lightwam",
-    "WanDiT": "lwam.model.dit",
-    "DiTBlock": "lwam.model.dit",
-    "WanVAE": "lwam.model.vae",
-    "FrameEncoder": "lwam.model.vae",
-    "StateFusionActionExpert": "lwam.model.action_expert",
-    "FlowMatching": "lwam.model.flow",
-    "TextContextCache": "lwam.model.text",
-    "build_text_cache": "lwam.model.text",
-    "make_text_encoder": "lwam.model.text",
-    "check_frozen": "lwam.model.fast",
-}
+_LAZY = lazy_names({
+    "lwam.model.lightwam": ("LightWAM",),
+    "lwam.model.dit": ("WanDiT", "DiTBlock"),
+    "lwam.model.vae": ("WanVAE", "FrameEncoder"),
+    "lwam.model.action_expert": ("StateFusionActionExpert",),
+    "lwam.model.flow": ("FlowMatching",),
+    "lwam.model.text": ("TextContextCache", "build_text_cache", "make_text_encoder"),
+    "lwam.model.fast": ("check_frozen",),
+})
 
 __all__ = sorted(_LAZY)
 
