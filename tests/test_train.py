@@ -381,3 +381,21 @@ def test_empty_dataset_raises(tmp_path):
     cfg = tiny_cfg()
     with pytest.raises(ValueError, match="empty"):
         Trainer(build_model(cfg), WindowDataset(cfg, n=0), tmp_path, progress=False)
+
+
+def test_metrics_stay_on_device_and_are_read_once_per_log_interval(tmp_path, monkeypatch):
+    cfg = tiny_cfg(log_every=4, save_every=100)
+    reads, seen = [], []
+    real = Trainer.read_metrics
+
+    def counting(steps):
+        reads.append([s for s, _ in steps])
+        return real(steps)
+
+    monkeypatch.setattr(Trainer, "read_metrics", staticmethod(counting))
+    tr = Trainer(build_model(cfg), WindowDataset(cfg), tmp_path, progress=False,
+                 on_step=lambda step, m: seen.append(isinstance(m["loss"], torch.Tensor)))
+    res = tr.train(8)
+    assert reads == [[4], [8]] and all(seen) and len(seen) == 8
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [4, 8]
+    assert isinstance(res["metrics"]["loss"], float)
