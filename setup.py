@@ -9,8 +9,16 @@ The compiled extension ``lwam._C`` (csrc/: the latent-downsampling ops) is built
   else sm_80 and sm_90 (+ PTX of compute_90 for newer GPUs);
 - a CppExtension (CPU kernel only; CUDA tensors then use the reference) otherwise;
 - nothing (pure Python: every op falls back to its reference) when ``LWAM_NO_EXTENSION=1``, when
-  torch cannot be imported at build time, when no C++ compiler is found, or when compilation fails
-  (unless ``LWAM_REQUIRE_EXTENSION=1``, which turns a failed build into an error).
+  torch cannot be imported at build time, when no C++ compiler is found, or when a CPU-only build fails
+  (``LWAM_REQUIRE_EXTENSION=1`` turns that into an error too).
+
+A failed CUDA build (torch has CUDA and nvcc exists) is an error: pip fails instead of installing pure
+Python silently. ``LWAM_ALLOW_FALLBACK=1`` asks for the pure-Python fallback instead.
+
+The CUDA root is where nvcc really lives: ``CUDA_HOME``/``CUDA_PATH`` when they hold bin/nvcc, else the
+directory nvcc itself reports (``nvcc --dryrun``), so an nvcc on PATH that is a wrapper script
+(``/usr/local/bin/nvcc`` running ``/usr/local/cuda-X/bin/nvcc``) does not make torch guess ``/usr/local``.
+``lwam info --build`` shows what was built.
 
 The build prints which of these it did and writes ``lwam/_C_build_info.json`` beside the binary
 (build kind, reason, torch / CUDA / Python versions) so that a load failure can say
@@ -80,6 +88,31 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _run_nvcc(nvcc: str, args: list[str]) -> str:
+    try:
+        proc = subprocess.run([nvcc, *args], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout + proc.stderr
+
+
+def cuda_root(nvcc: str, run=_run_nvcc) -> str | None:
+    """The CUDA toolkit root of ``nvcc``: CUDA_HOME/CUDA_PATH when they hold bin/nvcc; else the directory
+    nvcc reports as its own (``_HERE_`` of ``nvcc --dryrun``, which sees through wrapper scripts and
+    symlinks), checked to hold include/cuda_runtime.h; else the parent of nvcc's resolved bin/."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.abspath(home)
+    m = re.search(r"^#\$ _HERE_=(.+)$", run(nvcc, ["--dryrun", "-E", "-x", "cu", os.devnull]), re.MULTILINE)
+    candidates = [os.path.dirname(m.group(1).strip())] if m else []
+    candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return None
+
+
 def _nvcc_version(nvcc: str) -> str | None:
     try:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -109,7 +142,17 @@ def _plan():
         return "python", "no C++ compiler found (set CXX or install g++)", [], None, info
     nvcc = _find_nvcc()
     if torch.version.cuda is not None and nvcc is not None:
-        info["nvcc"] = _nvcc_version(nvcc)
+        root = cuda_root(nvcc)
+        if root is None:
+            return "error", (f"torch has CUDA {torch.version.cuda} and nvcc is at {nvcc}, but no CUDA toolkit "
+                             f"root with include/cuda_runtime.h was found behind it: set CUDA_HOME (or "
+                             f"LWAM_ALLOW_FALLBACK=1 for pure Python)"), [], None, info
+        # torch.utils.cpp_extension guessed its CUDA_HOME at import (from nvcc's location on PATH, which for
+        # a wrapper script is the wrong tree): use the real root for this build.
+        os.environ["CUDA_HOME"] = root
+        cpp_extension.CUDA_HOME = root
+        info["cuda_home"] = root
+        info["nvcc"] = _nvcc_version(os.path.join(root, "bin", "nvcc"))
         info["cuda_arch_flags"] = cuda_arch_flags()
         ext = cpp_extension.CUDAExtension(
             name="lwam._C",
@@ -158,7 +201,27 @@ def _target_dirs(cmd) -> list[str]:
     return dirs
 
 
+class BuildFailed(RuntimeError):
+    """A build of lwam._C that must not degrade to pure Python failed."""
+
+
+def failed_build_outcome(kind: str, why: str, env=None) -> dict:
+    """What a failed compile of lwam._C means. Raises :class:`BuildFailed` for a CUDA build (torch has CUDA
+    and nvcc exists: a user with a GPU toolchain expects the CUDA kernels) unless ``LWAM_ALLOW_FALLBACK=1``,
+    and for any build with ``LWAM_REQUIRE_EXTENSION=1``; otherwise returns the pure-Python build record."""
+    env = os.environ if env is None else env
+    allow = env.get("LWAM_ALLOW_FALLBACK", "") == "1"
+    if env.get("LWAM_REQUIRE_EXTENSION", "") == "1" or (kind in ("cuda", "error") and not allow):
+        raise BuildFailed(f"{why}. torch has CUDA and nvcc is present, so lwam will not install without its "
+                          f"CUDA kernels; fix the toolchain (CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS) or set "
+                          f"LWAM_ALLOW_FALLBACK=1 to install pure Python with the reference fallbacks")
+    return {"kind": "python", "reason": why + ("; LWAM_ALLOW_FALLBACK=1: installed pure Python" if allow else "")}
+
+
 KIND, REASON, EXT_MODULES, BUILD_EXT_BASE, INFO = _plan()
+if KIND == "error":  # CUDA torch + nvcc, but no usable toolkit behind it
+    INFO.update(failed_build_outcome(KIND, REASON))
+    KIND, REASON = INFO["kind"], INFO["reason"]
 INFO.update({"kind": KIND, "reason": REASON})
 
 
@@ -176,8 +239,8 @@ cmdclass = {"build_py": build_py}
 
 if BUILD_EXT_BASE is not None:
     class build_ext(BUILD_EXT_BASE):
-        """torch's BuildExtension that reports what it builds, records it, and falls back to pure
-        Python when compilation fails (unless LWAM_REQUIRE_EXTENSION=1)."""
+        """torch's BuildExtension that reports what it builds and records it; a failed build is an error
+        or a pure-Python fallback as :func:`failed_build_outcome` decides."""
 
         def build_extensions(self):
             jobs = os.environ.get("MAX_JOBS")
@@ -187,13 +250,15 @@ if BUILD_EXT_BASE is not None:
             try:
                 super().build_extensions()
             except Exception as exc:  # noqa: BLE001  (compiler, linker, nvcc: all mean "no binary")
-                if os.environ.get("LWAM_REQUIRE_EXTENSION", "") == "1":
+                why = f"compiling lwam._C as a {KIND} extension failed ({type(exc).__name__}: {exc})"
+                try:
+                    outcome = failed_build_outcome(KIND, why)
+                except BuildFailed as failed:
+                    _say(f"ERROR: {failed}")
                     raise
-                why = f"compiling lwam._C failed ({type(exc).__name__}: {exc})"
-                _say(f"{why}; installing pure Python (reference fallbacks only)")
+                _say(f"{outcome['reason']}; installing pure Python (reference fallbacks only)")
                 self.extensions = []  # nothing to copy in place or to list as output
-                info = dict(INFO, kind="python", reason=why)
-                _write_build_info(_target_dirs(self), info)
+                _write_build_info(_target_dirs(self), dict(INFO, **outcome))
                 return
             _write_build_info(_target_dirs(self), INFO)
             _say(f"built lwam._C ({KIND}); build record in lwam/{BUILD_INFO}")

@@ -12,6 +12,10 @@ bf16 and fp32; on CPU tiny shapes in fp32 (the fused path runs in the Triton int
 measures the interpreter, not the kernel). Every case is checked against the reference first, warmed up,
 and timed with a device synchronize before the clock is read. Launches are counted (Triton launches through
 the launcher's counter; on CUDA also every device kernel through torch.profiler); peak memory on CUDA.
+Beside the time, the fused case reports the bytes its kernels move (``kq.modelled_bytes``: every tile each
+program loads, no L2 reuse), the floor (``kq.floor_bytes``: X, A, y once forward; again with gy, gX, gA
+backward), achieved GB/s, and on CUDA the fraction of the floor (floor bytes at measured copy bandwidth /
+measured time).
 Run: ``python -m pytest benchmarks/test_bench_query_pool.py --benchmark-only``; with LWAM_BENCH_RECORD=1 a
 JSON record goes to benchmarks/results/.
 """
@@ -139,11 +143,59 @@ def test_bench_query_pool(benchmark, shape_name, dtype, mode, case):
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
     peak = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None
+    traffic = _traffic(shape, dtype, mode, median) if case == "fused" else {}
     benchmark.extra_info.update({"device": DEVICE, "shape": dict(zip("LBSDHQ", shape)), **launches,
-                                 "peak_memory_bytes": peak})
+                                 "peak_memory_bytes": peak, **traffic})
     _RESULTS.append({"case": case, "mode": mode, "shape_name": shape_name, "shape": dict(zip("LBSDHQ", shape)),
                      "dtype": str(dtype).replace("torch.", ""), "median_s": median, "peak_memory_bytes": peak,
-                     **launches})
+                     **launches, **traffic})
+    if traffic:
+        print(f"\nquery_pool fused {shape_name} {dtype} {mode}: {median * 1e3:.3f} ms, modelled kernel traffic "
+              f"{traffic['kernel_bytes'] / 1e6:.1f} MB ({traffic['kernel_bytes_vs_floor']:.2f}x the floor of "
+              f"{traffic['floor_bytes'] / 1e6:.1f} MB), {traffic['GB/s']:.1f} GB/s"
+              + (f", {traffic['fraction_of_floor']:.3f} of the floor time at copy bandwidth "
+                 f"{traffic['copy_GB/s']:.0f} GB/s" if "fraction_of_floor" in traffic else ""))
+
+
+_COPY_BW: dict = {}
+
+
+def _copy_bandwidth() -> float:
+    """Device copy bandwidth (bytes/s, read + write) of a 256 MiB clone: the yardstick of the floor."""
+    if "bw" not in _COPY_BW:
+        src = torch.empty(128 * 2 ** 20, dtype=torch.float16, device=DEVICE)
+        for _ in range(3):
+            src.clone()
+        _sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            src.clone()
+        end.record()
+        _sync()
+        _COPY_BW["bw"] = 2 * src.numel() * src.element_size() * 10 / (start.elapsed_time(end) / 1e3)
+    return _COPY_BW["bw"]
+
+
+def _traffic(shape, dtype, mode, median) -> dict:
+    """Bytes the fused kernels move (kq.modelled_bytes with the launch config used here), the floor
+    (kq.floor_bytes), achieved GB/s of the modelled bytes, and on CUDA the fraction of the floor: the time
+    the floor bytes take at copy bandwidth over the measured time (the module's small dense ops included)."""
+    if kq is None:
+        return {}
+    L, B, S, D, H, Q = shape
+    backward = mode == "fwd_bwd"
+    dev = torch.device(DEVICE)
+    cfg = kq.default_config(dev, S, D, H, Q)
+    per_kernel = kq.modelled_bytes(L, B, S, D, H, Q, dtype, cfg, backward)
+    total = sum(per_kernel.values())
+    floor = kq.floor_bytes(L, B, S, D, H, Q, dtype, backward)
+    out = {"kernel_bytes": total, "floor_bytes": floor, "kernel_bytes_vs_floor": total / floor,
+           "GB/s": total / median / 1e9, "kernel_bytes_by_kernel": per_kernel}
+    if DEVICE == "cuda":
+        bw = _copy_bandwidth()
+        out.update({"copy_GB/s": bw / 1e9, "fraction_of_floor": (floor / bw) / median})
+    return out
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -27,12 +27,18 @@ Layer inputs: up to ``MAX_LAYERS_PER_LAUNCH`` separate layer tensors are passed 
 all layers share one stride pattern (e.g. slices of a tap buffer, or any equally-strided views); when their
 strides differ, the layers that are not contiguous are made contiguous (a copy of those layers only).
 
-Inputs may be fp32, fp16 or bf16; everything is loaded and computed in fp32. Large matmuls use IEEE fp32
-for fp32 inputs and TF32 for half inputs (its 10-bit mantissa is finer than the inputs'). y is fp32.
+Inputs may be fp32, fp16 or bf16; everything is computed in fp32. For half inputs the folded matrix A is
+read in the inputs' dtype (every token block reads it: half the bytes) and the large matmuls use TF32
+(its 10-bit mantissa is finer than the inputs'); fp32 inputs use IEEE fp32. y is fp32.
+
+Tile sizes and launch options are a :class:`TileConfig`, a parameter of both launchers: by default
+:func:`cuda_config` for the GPU's compute capability (from its shared-memory limit) on CUDA tensors, and
+:func:`interpreter_config` on CPU tensors under ``TRITON_INTERPRET=1``; tests pass the CUDA one to the
+interpreter, and tests/test_aot_compile.py compiles the CUDA ones for sm_80/86/89/90 without a GPU.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -40,12 +46,17 @@ import triton
 import triton.language as tl
 
 __all__ = ["query_pool_forward", "query_pool_backward", "launch_count", "reset_launch_count",
-           "set_poison", "MAX_LAYERS_PER_LAUNCH"]
+           "set_poison", "MAX_LAYERS_PER_LAUNCH", "TileConfig", "cuda_config", "interpreter_config",
+           "default_config", "shared_memory_limit", "LAUNCH_ERRORS"]
 
 MAX_LAYERS_PER_LAUNCH = 8
 
 _launches = 0
 _poison = False
+
+# What a launch raises when the kernel cannot run on this GPU (too much shared memory or too many registers
+# for the device, or a Triton that cannot compile it); ``lwam.ops.query_pool`` then uses the reference.
+LAUNCH_ERRORS = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError)
 
 
 def launch_count() -> int:
@@ -62,10 +73,6 @@ def set_poison(enabled: bool) -> None:
     """Test hook: fill every output and intermediate buffer with NaN before the kernels write it."""
     global _poison
     _poison = bool(enabled)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -403,14 +410,104 @@ def _layout(H: int, Q: int) -> tuple[int, int, int]:
     return QP, NC, HD
 
 
-def _blocks(S: int, D: int) -> dict[str, int]:
-    if _interpreting():
-        # The interpreter pays per element loaded, and A is re-read by every token block: use the
-        # biggest tiles (one token block per row of programs where possible).
-        bs = min(512, max(16, _next_pow2(S)))
-        bd = min(512, max(16, _next_pow2(D)))
-        return dict(BS=bs, BD=bd, BD_POOL=bd, BS_POOL=bs, BS_SM=bs, BD_A=bd, BS_A=bs, warps=4)
-    return dict(BS=32, BD=64, BD_POOL=128, BS_POOL=32, BS_SM=64, BD_A=64, BS_A=32, warps=4)
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of every kernel of this module (one launch set per op call).
+
+    BS, BD: token block and D chunk of ``_fwd_logits``, ``_bwd_probs`` and ``_bwd_dx`` (the folded matrix
+    A of a layer is read once per token block, so a larger BS reads it fewer times);
+    BS_SM: token block of the two softmax kernels; BS_POOL, BD_POOL: ``_fwd_pool``; BS_A, BD_A: ``_bwd_dA``;
+    nsplit: batch split of ``_bwd_dA`` (0: min(B, 8)); warps, warps_SM, warps_POOL, warps_A: num_warps of
+    the token-block kernels, the softmax kernels, ``_fwd_pool`` and ``_bwd_dA``; stages / stages_SM:
+    num_stages of the loop kernels / of the softmax kernels (each stage buffers one loaded tile in shared
+    memory).
+    """
+
+    BS: int = 64
+    BD: int = 64
+    BS_SM: int = 64
+    BS_POOL: int = 32
+    BD_POOL: int = 128
+    BS_A: int = 32
+    BD_A: int = 64
+    nsplit: int = 0
+    warps: int = 8
+    warps_SM: int = 8
+    warps_POOL: int = 8
+    warps_A: int = 8
+    stages: int = 2
+    stages_SM: int = 2
+
+    def batch_split(self, B: int) -> int:
+        return max(1, min(B, 8)) if self.nsplit == 0 else max(1, min(B, self.nsplit))
+
+
+# Opt-in shared memory per block (bytes) by compute capability (CUDA programming guide, "Technical
+# Specifications per Compute Capability"); an unknown GPU gets the smallest of these.
+SHARED_MEMORY_PER_BLOCK = {(8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912, (8, 9): 101_376,
+                           (9, 0): 232_448, (10, 0): 232_448, (12, 0): 101_376}
+REGISTERS_PER_SM = 65_536
+REGISTERS_PER_THREAD = 255
+
+# The CUDA configurations, checked by tests/test_aot_compile.py to fit every target's shared memory and
+# registers without spilling (bf16/fp16; measurements in benchmarks/README.md). Token blocks of 64 rows
+# read each layer's folded matrix half as often as 32 would and give every token-block dot a full
+# warpgroup tile, so Hopper runs them on wgmma; 8 warps keep the [64, H*Q] fp32 accumulators in
+# registers. GPUs with large shared memory (A100, H100/H200) buffer one more stage of every loop.
+_CUDA_SMALL_SMEM = TileConfig()
+_CUDA_LARGE_SMEM = TileConfig(stages=3, stages_SM=3)
+
+
+def shared_memory_limit(cc: tuple[int, int]) -> int:
+    """Opt-in shared memory per block (bytes) of compute capability ``cc`` (the smallest known if unknown)."""
+    return SHARED_MEMORY_PER_BLOCK.get(tuple(cc), min(SHARED_MEMORY_PER_BLOCK.values()))
+
+
+def cuda_config(cc: tuple[int, int], S: int, D: int, H: int, Q: int) -> TileConfig:
+    """The launch configuration the CUDA launchers use on a GPU of compute capability ``cc`` for layers
+    [B, S, D] with H heads and Q queries (more logit columns than the paper's 8 x 16 get shorter token
+    blocks, so the [BS, H*Q] accumulator stays the same size)."""
+    base = _CUDA_LARGE_SMEM if shared_memory_limit(cc) >= 160_000 else _CUDA_SMALL_SMEM
+    _qp, nc, _hd = _layout(H, Q)
+    if nc > 128:
+        bs = max(16, base.BS * 128 // nc)
+        base = dataclasses.replace(base, BS=bs, BS_SM=max(16, base.BS_SM * 128 // nc),
+                                   BS_A=max(16, min(base.BS_A, bs)))
+    return base
+
+
+def interpreter_config(S: int, D: int) -> TileConfig:
+    """The configuration used under TRITON_INTERPRET=1 (big tiles: the interpreter pays per element)."""
+    bs = min(512, max(16, _next_pow2(S)))
+    bd = min(512, max(16, _next_pow2(D)))
+    return TileConfig(BS=bs, BD=bd, BS_SM=bs, BS_POOL=bs, BD_POOL=bd, BS_A=bs, BD_A=bd, nsplit=1,
+                      warps=4, warps_SM=4, warps_POOL=4, warps_A=4, stages=1, stages_SM=1)
+
+
+_CC_CACHE: dict[int, tuple[int, int]] = {}
+
+
+def default_config(device: torch.device, S: int, D: int, H: int, Q: int) -> TileConfig:
+    """What the launchers use when no configuration is passed: the interpreter's on CPU tensors under
+    TRITON_INTERPRET=1, else the CUDA one for the device's compute capability."""
+    if device.type != "cuda":
+        return interpreter_config(S, D)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CC_CACHE:
+        _CC_CACHE[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return cuda_config(_CC_CACHE[idx], S, D, H, Q)
+
+
+# A test hook: when set, launches go to it as (kernel, grid, args, kwargs) instead of to the GPU
+# (tests/test_aot_compile.py records them and compiles each for real GPU targets).
+_launch_hook = None
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    if _launch_hook is not None:
+        _launch_hook(kernel, grid, args, kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -448,9 +545,28 @@ def _count(n: int) -> None:
     _launches += n
 
 
-def query_pool_forward(xs: Sequence[torch.Tensor], A: torch.Tensor, w: torch.Tensor, eps: float
+def _operand_matrix(A: torch.Tensor, x_dtype: torch.dtype) -> torch.Tensor:
+    """A as the kernels read it: in the inputs' half dtype when they are fp16/bf16 (half the bytes of the
+    matrix that every token block reads; the kernels compute in fp32 either way), else as given."""
+    if x_dtype in (torch.float16, torch.bfloat16) and A.dtype != x_dtype:
+        return A.to(x_dtype)
+    return A
+
+
+def _resolve_config(config: TileConfig | None, device: torch.device, S: int, D: int, H: int,
+                    Q: int) -> TileConfig:
+    if config is None:
+        return default_config(device, S, D, H, Q)
+    if not isinstance(config, TileConfig):
+        raise TypeError(f"config: expected a TileConfig or None, got {type(config).__name__}")
+    return config
+
+
+def query_pool_forward(xs: Sequence[torch.Tensor], A: torch.Tensor, w: torch.Tensor, eps: float,
+                       config: TileConfig | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused forward. xs: L tensors [B, S, D] (same shape, dtype, device); A: [L, D, H*Q]; w: [L, Q].
+    """Fused forward. xs: L tensors [B, S, D] (same shape, dtype, device); A: [L, D, H*Q]; w: [L, Q];
+    config: tile sizes (default :func:`default_config` for the device).
 
     Returns y [L, B, H, D] fp32, stats [2, L, B, S] fp32 (row mean, rstd), lse [L, B, H*Q] fp32.
     Inputs are assumed validated by ``lwam.ops.query_pool``.
@@ -461,9 +577,10 @@ def query_pool_forward(xs: Sequence[torch.Tensor], A: torch.Tensor, w: torch.Ten
     Q = w.shape[1]
     H = A.shape[2] // Q
     QP, NC, HD = _layout(H, Q)
-    blk = _blocks(S, D)
     dev = layers[0].device
+    cfg = _resolve_config(config, dev, S, D, H, Q)
     prec = _prec(layers[0].dtype)
+    A = _operand_matrix(A, layers[0].dtype)
     z = _empty((L, B, S, NC), torch.float32, dev)
     stats = _empty((2, L, B, S), torch.float32, dev)
     lse = _empty((L, B, H * Q), torch.float32, dev)
@@ -473,24 +590,25 @@ def query_pool_forward(xs: Sequence[torch.Tensor], A: torch.Tensor, w: torch.Ten
     swl, swq = w.stride()
     for l0, nl in _groups(L):
         ptrs = _ptrs(layers, l0, nl)
-        _fwd_logits[(nl * B, triton.cdiv(S, blk["BS"]))](
-            *ptrs, A, z, stats, l0, L, B, S, D, H, Q, float(eps), sxb, sxs, sxd, sal, sad, sac,
-            NL=nl, QP=QP, NC=NC, BS=blk["BS"], BD=blk["BD"], PREC=prec, num_warps=blk["warps"])
-        _fwd_softmax[(nl * B,)](
-            z, w, lse, c, l0, B, S, H, Q, swl, swq,
-            QP=QP, NC=NC, HD=HD, BS=blk["BS_SM"], num_warps=blk["warps"])
-        _fwd_pool[(nl * B, triton.cdiv(D, blk["BD_POOL"]))](
-            *ptrs, stats, c, y, l0, L, B, S, D, H, sxb, sxs, sxd,
-            NL=nl, HD=HD, BS=blk["BS_POOL"], BD=blk["BD_POOL"], PREC=prec, num_warps=blk["warps"])
+        _launch(_fwd_logits, (nl * B, triton.cdiv(S, cfg.BS)),
+                *ptrs, A, z, stats, l0, L, B, S, D, H, Q, float(eps), sxb, sxs, sxd, sal, sad, sac,
+                NL=nl, QP=QP, NC=NC, BS=cfg.BS, BD=cfg.BD, PREC=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+        _launch(_fwd_softmax, (nl * B,),
+                z, w, lse, c, l0, B, S, H, Q, swl, swq,
+                QP=QP, NC=NC, HD=HD, BS=cfg.BS_SM, num_warps=cfg.warps_SM, num_stages=cfg.stages_SM)
+        _launch(_fwd_pool, (nl * B, triton.cdiv(D, cfg.BD_POOL)),
+                *ptrs, stats, c, y, l0, L, B, S, D, H, sxb, sxs, sxd,
+                NL=nl, HD=HD, BS=cfg.BS_POOL, BD=cfg.BD_POOL, PREC=prec, num_warps=cfg.warps_POOL,
+                num_stages=cfg.stages)
         _count(3)
     return y, stats, lse
 
 
 def query_pool_backward(gy: torch.Tensor, xs: Sequence[torch.Tensor], A: torch.Tensor, w: torch.Tensor,
-                        stats: torch.Tensor, lse: torch.Tensor, eps: float
+                        stats: torch.Tensor, lse: torch.Tensor, eps: float, config: TileConfig | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward. gy: [L, B, H, D]; xs, A, w as in :func:`query_pool_forward`; stats, lse: its side
-    outputs. Returns gX [L, B, S, D] (dtype of xs), gA [L, D, H*Q] (dtype of A), gw [L, Q] (dtype of w).
+    """Fused backward. gy: [L, B, H, D]; xs, A, w, config as in :func:`query_pool_forward`; stats, lse: its
+    side outputs. Returns gX [L, B, S, D] (dtype of xs), gA [L, D, H*Q] (dtype of A), gw [L, Q] (dtype of w).
     """
     layers, (sxb, sxs, sxd) = _prepare_layers(xs)
     L = len(layers)
@@ -498,9 +616,11 @@ def query_pool_backward(gy: torch.Tensor, xs: Sequence[torch.Tensor], A: torch.T
     Q = w.shape[1]
     H = A.shape[2] // Q
     QP, NC, HD = _layout(H, Q)
-    blk = _blocks(S, D)
     dev = layers[0].device
+    cfg = _resolve_config(config, dev, S, D, H, Q)
     prec = _prec(layers[0].dtype)
+    a_dtype = A.dtype
+    A = _operand_matrix(A, layers[0].dtype)
     gy = gy.to(torch.float32).contiguous()
     stats = stats.contiguous()
     lse = lse.contiguous()
@@ -509,26 +629,69 @@ def query_pool_backward(gy: torch.Tensor, xs: Sequence[torch.Tensor], A: torch.T
     r = _empty((L, B, H * Q), torch.float32, dev)
     gx = _empty((L, B, S, D), layers[0].dtype, dev)
     # Enough programs to fill a GPU at training shapes; partials over b are summed afterwards.
-    nsplit = 1 if _interpreting() else max(1, min(B, 8))
+    nsplit = cfg.batch_split(B)
     ga = _empty((L, nsplit, D, H * Q), torch.float32, dev)
     sal, sad, sac = A.stride()
     swl, swq = w.stride()
     for l0, nl in _groups(L):
         ptrs = _ptrs(layers, l0, nl)
-        grid_rows = (nl * B, triton.cdiv(S, blk["BS"]))
-        _bwd_probs[grid_rows](
-            *ptrs, A, stats, lse, gy, p, gc, l0, L, B, S, D, H, Q, sxb, sxs, sxd, sal, sad, sac,
-            NL=nl, QP=QP, NC=NC, HD=HD, BS=blk["BS"], BD=blk["BD"], PREC=prec, num_warps=blk["warps"])
-        _bwd_softmax[(nl * B,)](
-            p, gc, w, r, l0, B, S, H, Q, swl, swq,
-            QP=QP, NC=NC, HD=HD, BS=blk["BS_SM"], num_warps=blk["warps"])
-        _bwd_dx[grid_rows](
-            *ptrs, A, stats, gy, p, gc, gx, l0, L, B, S, D, H, Q, sxb, sxs, sxd, sal, sad, sac,
-            NL=nl, QP=QP, NC=NC, HD=HD, BS=blk["BS"], BD=blk["BD"], PREC=prec, num_warps=blk["warps"])
-        _bwd_dA[(nl, triton.cdiv(D, blk["BD_A"]), nsplit)](
-            *ptrs, stats, p, ga, l0, L, B, S, D, H, Q, nsplit, sxb, sxs, sxd,
-            NL=nl, QP=QP, NC=NC, BS=blk["BS_A"], BD=blk["BD_A"], PREC=prec, num_warps=8)
+        grid_rows = (nl * B, triton.cdiv(S, cfg.BS))
+        _launch(_bwd_probs, grid_rows,
+                *ptrs, A, stats, lse, gy, p, gc, l0, L, B, S, D, H, Q, sxb, sxs, sxd, sal, sad, sac,
+                NL=nl, QP=QP, NC=NC, HD=HD, BS=cfg.BS, BD=cfg.BD, PREC=prec, num_warps=cfg.warps,
+                num_stages=cfg.stages)
+        _launch(_bwd_softmax, (nl * B,),
+                p, gc, w, r, l0, B, S, H, Q, swl, swq,
+                QP=QP, NC=NC, HD=HD, BS=cfg.BS_SM, num_warps=cfg.warps_SM, num_stages=cfg.stages_SM)
+        _launch(_bwd_dx, grid_rows,
+                *ptrs, A, stats, gy, p, gc, gx, l0, L, B, S, D, H, Q, sxb, sxs, sxd, sal, sad, sac,
+                NL=nl, QP=QP, NC=NC, HD=HD, BS=cfg.BS, BD=cfg.BD, PREC=prec, num_warps=cfg.warps,
+                num_stages=cfg.stages)
+        _launch(_bwd_dA, (nl, triton.cdiv(D, cfg.BD_A), nsplit),
+                *ptrs, stats, p, ga, l0, L, B, S, D, H, Q, nsplit, sxb, sxs, sxd,
+                NL=nl, QP=QP, NC=NC, BS=cfg.BS_A, BD=cfg.BD_A, PREC=prec, num_warps=cfg.warps_A,
+                num_stages=cfg.stages)
         _count(4)
-    gA = (ga[:, 0] if nsplit == 1 else ga.sum(dim=1)).to(A.dtype)
+    gA = (ga[:, 0] if nsplit == 1 else ga.sum(dim=1)).to(a_dtype)
     gw = r.view(L, B, H, Q).sum(dim=(1, 2)).to(w.dtype)
     return gx, gA, gw
+
+
+# --------------------------------------------------------------------------------------------------------
+# memory traffic (benchmarks report it beside the time)
+
+def modelled_bytes(L: int, B: int, S: int, D: int, H: int, Q: int, x_dtype: torch.dtype, config: TileConfig,
+                   backward: bool) -> dict[str, int]:
+    """Bytes each kernel loads and stores with ``config`` (every tile a program loads counted once per
+    program, no reuse between programs through L2: an upper bound on DRAM traffic). Forward kernels, plus
+    the backward ones when ``backward``."""
+    ex = torch.empty((), dtype=x_dtype).element_size()
+    ea = ex if x_dtype in (torch.float16, torch.bfloat16) else 4      # A as the kernels read it
+    _qp, nc, hd = _layout(H, Q)
+    rows, blocks = L * B * S, L * B * triton.cdiv(S, config.BS)
+    x, f4 = rows * D * ex, 4
+    out = {
+        "_fwd_logits": 2 * x + blocks * D * H * Q * ea + rows * (nc + 2) * f4,
+        "_fwd_softmax": rows * (2 * nc + hd) * f4 + L * B * H * Q * f4,
+        "_fwd_pool": x + L * B * triton.cdiv(D, config.BD_POOL) * S * (hd + 2) * f4 + L * B * H * D * f4,
+    }
+    if backward:
+        gy_block = blocks * H * D * f4
+        nsplit = config.batch_split(B)
+        out.update({
+            "_bwd_probs": x + blocks * D * H * Q * ea + gy_block + rows * (2 + 2 * H * Q + nc + hd) * f4,
+            "_bwd_softmax": rows * 2 * (2 * nc + 2 * hd) * f4,
+            "_bwd_dx": 2 * (x + blocks * D * H * Q * ea + gy_block) + rows * (2 + nc + hd) * f4 + rows * D * ex,
+            "_bwd_dA": x + L * B * triton.cdiv(D, config.BD_A) * S * (2 + nc) * f4 + L * nsplit * D * H * Q * f4,
+        })
+    return out
+
+
+def floor_bytes(L: int, B: int, S: int, D: int, H: int, Q: int, x_dtype: torch.dtype, backward: bool) -> int:
+    """The least any implementation must move: forward reads X and A once and writes y; forward+backward
+    also reads X, A and gy again and writes gX and gA (X is too large to stay on chip in between)."""
+    ex = torch.empty((), dtype=x_dtype).element_size()
+    ea = ex if x_dtype in (torch.float16, torch.bfloat16) else 4
+    x, a, y = L * B * S * D * ex, L * D * H * Q * ea, L * B * H * D * 4
+    fwd = x + a + y
+    return fwd + (x + a + y + x + L * D * H * Q * 4 if backward else 0)

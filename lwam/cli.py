@@ -7,6 +7,12 @@ import sys
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.build:
+        from lwam.info import build_info, format_build_info
+
+        record = build_info()
+        print(json.dumps(record, indent=2) if args.json else format_build_info(record))
+        return 0
     from lwam.config import get_preset
     from lwam.info import format_info, model_info
 
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter and token counts of a preset (no weights allocated)")
     info.add_argument("--preset", default="paper")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--build", action="store_true",
+                      help="what was built and what runs: lwam._C, Triton kernels, the GPU's launch config")
     info.set_defaults(func=_cmd_info)
 
     col = sub.add_parser("collect", help="collect scripted-expert demos into a LeRobot dataset")

@@ -250,6 +250,27 @@ def _text_cache(text_cache: Any, cfg: LightWAMConfig) -> TextContextCache:
 # ------------------------------------------------------------------------------------------------
 # static-buffer runners
 # ------------------------------------------------------------------------------------------------
+# torch.compile modes that capture CUDA graphs on their own (Inductor's cudagraph trees), mapped to the
+# same compilation without that capture: used while the Policy captures the whole path itself.
+SELF_CAPTURING_COMPILE_MODES: dict[str, str | None] = {"reduce-overhead": None,
+                                                        "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def single_capture_mode(compile_mode: str | None, policy_captures: bool) -> str | None:
+    """The torch.compile mode to use so that only one mechanism captures CUDA graphs: with the Policy's
+    own capture on, a self-capturing mode becomes its capture-free twin (one log line says so)."""
+    if compile_mode is not None and not isinstance(compile_mode, str):
+        raise TypeError(f"compile_mode: expected a str or None, got {type(compile_mode).__name__}")
+    if policy_captures and compile_mode in SELF_CAPTURING_COMPILE_MODES:
+        twin = SELF_CAPTURING_COMPILE_MODES[compile_mode]
+        log_once(f"policy.compile-mode.{compile_mode}",
+                 f"Policy: compile_mode={compile_mode!r} would capture CUDA graphs inside the Policy's own "
+                 f"capture; compiling with mode={twin!r} instead (the Policy's graph gives the same launch "
+                 f"savings; cuda_graphs=False keeps {compile_mode!r})")
+        return twin
+    return compile_mode
+
+
 class _Runner:
     """Static buffers + the compiled (and, on CUDA, graph-captured) path for one input shape (B, H, W)."""
 
@@ -312,8 +333,13 @@ class _Runner:
             self.warmup()
         if self.graph is not None:
             self.graph.replay()
-            return self.out
+            # The static output is rewritten by the next replay of this shape, and (graphs of all shapes
+            # share one memory pool) may be by a replay of another shape: the caller gets its own copy
+            # ([B, H, A] fp32, a few KB), so a held result never changes under it.
+            return self.out.clone()
         self.out = self.policy._fn(*self.args())
+        if self.policy.options.compile_mode in SELF_CAPTURING_COMPILE_MODES:
+            return self.out.clone()  # Inductor's own CUDA graphs reuse their output memory the same way
         return self.out
 
 
@@ -349,6 +375,10 @@ class Policy:
 
     def _compile(self, fullgraph: bool):
         o = self.options
+        if o.cuda_graphs and o.compile_mode in SELF_CAPTURING_COMPILE_MODES:
+            raise ValueError(f"compile_mode: {o.compile_mode!r} captures CUDA graphs itself, which would nest "
+                             f"inside the Policy's own capture (cuda_graphs=True); use "
+                             f"{SELF_CAPTURING_COMPILE_MODES[o.compile_mode]!r} or cuda_graphs=False")
         kw: dict[str, Any] = {"dynamic": False, "fullgraph": fullgraph, "backend": o.compile_backend}
         if o.compile_mode is not None:
             kw["mode"] = o.compile_mode
@@ -373,6 +403,10 @@ class Policy:
         model's; ``dtype``: default bf16 on CUDA, fp32 elsewhere; ``cuda_graphs``: default on for CUDA.
         The transformation switches are described in the module docstring; ``compile_mode`` and
         ``compile_backend`` go to ``torch.compile`` (always ``dynamic=False``: one static graph per shape).
+        One capture mechanism at a time: with the Policy's own CUDA graphs on, a mode that captures graphs
+        itself is translated to its capture-free twin ("reduce-overhead" -> default, "max-autotune" ->
+        "max-autotune-no-cudagraphs"), with one log line; ``cuda_graphs=False`` keeps it as given.
+        Every query returns a tensor the caller owns (a copy of the graph's static output).
         """
         cfg = model.cfg
         dev = torch.device(device) if device is not None else model.proprio_encoder.weight.device
@@ -381,6 +415,7 @@ class Policy:
         graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
         if graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got device {dev}")
+        compile_mode = single_capture_mode(compile_mode, graphs and bool(compile))
         opts = InferenceOptions(merge_lora=merge_lora, truncate=truncate, fold_pooling=fold_pooling,
                                 single_frame_vae=single_frame_vae, compile=bool(compile), cuda_graphs=graphs,
                                 compile_mode=compile_mode, compile_backend=compile_backend)
@@ -513,8 +548,8 @@ class Policy:
     def predict_normalized(self, images: Any, instructions: Sequence[str] | str, proprio_normalized: torch.Tensor
                            ) -> torch.Tensor:
         """Low-level query: images as in :meth:`predict_batch`, proprio already normalised [B, P] ->
-        normalised actions [B, H, A] fp32 on the policy's device (a view of the static output buffer on
-        CUDA-graph runs: copy it before the next query)."""
+        normalised actions [B, H, A] fp32 on the policy's device (the caller's own tensor: a later query
+        does not change it)."""
         x, instr, prop, _ = self._check(images, instructions, proprio_normalized, batched=True)
         return self._run(x, instr, proprio_normalized.detach().float().cpu())
 

@@ -1,4 +1,5 @@
-"""Model facts without allocating weights: parameter counts per component and token counts."""
+"""Model facts without allocating weights (parameter and token counts), and what was built (``lwam info
+--build``: the lwam._C build record, whether the extension loads, Triton, the GPU and its kernel config)."""
 from __future__ import annotations
 
 from typing import Any
@@ -78,4 +79,64 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append(f"tokens: action pass {t['action_pass']}, video pass {t['video_pass']} "
                  f"({t['latent_frames']} latent frames), context {t['context']}")
     lines.append(f"backbone {info['what_trains']['backbone']}; VAE {info['what_trains']['vae']}")
+    return "\n".join(lines)
+
+
+def build_info() -> dict[str, Any]:
+    """What setup.py built (its record beside lwam._C), whether it loads here, Triton, and on a GPU machine
+    the device and the query_pool launch configuration chosen for it. Initialises CUDA only if present."""
+    import importlib.util
+    import platform
+
+    from lwam.ops import _extension
+
+    st = _extension.status()
+    record: dict[str, Any] = {
+        "build_record": _extension.read_build_info(),
+        "extension": {"available": st.available, "with_cuda": st.with_cuda, "reason": st.reason},
+        "running": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+    }
+    triton: dict[str, Any] = {"installed": importlib.util.find_spec("triton") is not None}
+    if triton["installed"]:
+        try:
+            import triton as _triton
+            triton["version"] = _triton.__version__
+        except Exception as exc:  # noqa: BLE001  (a broken install is reported, not raised)
+            triton["error"] = f"{type(exc).__name__}: {exc}"
+    record["triton"] = triton
+    if torch.cuda.is_available():
+        cc = torch.cuda.get_device_capability(0)
+        gpu: dict[str, Any] = {"name": torch.cuda.get_device_name(0), "capability": list(cc)}
+        if triton.get("version"):
+            import dataclasses
+
+            from lwam.kernels import query_pool as kq
+            gpu["query_pool_config"] = dataclasses.asdict(kq.cuda_config(cc, 392, 1536, 8, 16))
+            gpu["shared_memory_limit"] = kq.shared_memory_limit(cc)
+        record["gpu"] = gpu
+    return record
+
+
+def format_build_info(record: dict[str, Any]) -> str:
+    b = record["build_record"]
+    lines = [f"build: {b.get('kind', 'none')} ({b.get('reason', 'no build record: lwam was not built by setup.py')})"]
+    if b:
+        lines.append(f"  built for torch {b.get('torch', '?')} (CUDA {b.get('cuda') or 'none'}, Python "
+                     f"{b.get('python', '?')})" + (f", nvcc {b['nvcc']}" if b.get("nvcc") else "")
+                     + (f", CUDA_HOME {b['cuda_home']}" if b.get("cuda_home") else ""))
+        if b.get("cuda_arch_flags"):
+            lines.append(f"  device code: {' '.join(b['cuda_arch_flags'])}")
+    e, r = record["extension"], record["running"]
+    lines.append(f"lwam._C: {e['reason']}")
+    lines.append(f"running: torch {r['torch']} (CUDA {r['cuda'] or 'none'}, Python {r['python']})")
+    t = record["triton"]
+    lines.append("triton: " + (t.get("version") or t.get("error") or "not installed"))
+    if "gpu" in record:
+        g = record["gpu"]
+        lines.append(f"gpu: {g['name']} (sm_{g['capability'][0]}{g['capability'][1]})")
+        if "query_pool_config" in g:
+            lines.append(f"  query_pool launch config (paper shape): {g['query_pool_config']}, shared memory "
+                         f"limit {g['shared_memory_limit']} bytes")
+    else:
+        lines.append("gpu: none")
     return "\n".join(lines)

@@ -1,9 +1,12 @@
-"""The CUDA source of lwam._C compiles with nvcc (device code for sm_80 and sm_90, setup.py's flags),
-even on a machine without a GPU or with a CPU-only torch, so that it cannot rot. Skipped without nvcc."""
+"""The CUDA source of lwam._C compiles with nvcc (device code for sm_80 and sm_90, setup.py's flags, plus
+sm_86 and sm_89), even on a machine without a GPU or with a CPU-only torch, so that it cannot rot; the
+``-Xptxas -v`` report of every kernel and architecture must show no spills and registers and shared memory
+within each target's limits. Skipped without nvcc."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +43,35 @@ def test_setup_arch_flags_cover_sm80_and_sm90(monkeypatch):
                                           "-gencode=arch=compute_90a,code=compute_90a"]
 
 
+# Per-target limits: registers per thread, registers per SM, shared memory per block (opt-in).
+LIMITS = {"sm_80": (255, 65536, 166912), "sm_86": (255, 65536, 101376), "sm_89": (255, 65536, 101376),
+          "sm_90": (255, 65536, 232448)}
+EXTRA_ARCHS = ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_89,code=sm_89"]
+THREADS_PER_BLOCK = 256  # kThreads in csrc/latent_downsample_cuda.cu (every kernel's __launch_bounds__)
+
+
+def _ptxas_report(stderr: str) -> list[dict]:
+    """Parse ``-Xptxas -v``: one entry per (function, arch) with registers, spill bytes and shared memory."""
+    out, cur = [], None
+    for line in stderr.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'", line)
+        if m:
+            cur = {"function": m.group(1), "arch": m.group(2), "spill": 0, "registers": 0, "smem": 0}
+            out.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["spill"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            cur["smem"] = int(s.group(1)) if s else 0
+    return out
+
+
 def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
     from torch.utils import cpp_extension
 
@@ -56,11 +88,22 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
     for src in sources:
         cmd = [NVCC, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")), "-std=c++20",
                "-Xcompiler", "-fPIC", *cpp_extension.COMMON_NVCC_FLAGS, *setup_py.nvcc_compile_flags(),
-               *defines, *include]
+               *EXTRA_ARCHS, "-Xptxas", "-v", *defines, *include]
         assert "-gencode=arch=compute_80,code=sm_80" in cmd and "-gencode=arch=compute_90,code=sm_90" in cmd
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"nvcc failed on {src.name}:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}"
         assert (tmp_path / (src.stem + ".o")).stat().st_size > 0
+        report = _ptxas_report(proc.stderr)
+        assert {r["arch"] for r in report} >= set(LIMITS), f"ptxas -v reported {sorted({r['arch'] for r in report})}"
+        for r in report:
+            regs, regs_sm, smem = LIMITS[r["arch"]]
+            where = f"{src.name} {r['function']} {r['arch']}"
+            assert r["spill"] == 0, f"{where}: {r['spill']} bytes spilled"
+            assert r["registers"] <= regs and r["registers"] * THREADS_PER_BLOCK <= regs_sm, \
+                f"{where}: {r['registers']} registers"
+            assert r["smem"] <= smem, f"{where}: {r['smem']} bytes of shared memory"
+        if os.environ.get("LWAM_PTXAS_REPORT"):
+            Path(os.environ["LWAM_PTXAS_REPORT"]).write_text("\n".join(map(str, report)))
         if shutil.which("cuobjdump"):  # both architectures really got SASS
             listing = subprocess.run(["cuobjdump", "--list-elf", str(tmp_path / (src.stem + ".o"))],
                                      capture_output=True, text=True).stdout

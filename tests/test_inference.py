@@ -301,3 +301,70 @@ def test_policy_from_a_model_with_compiled_blocks_copies_eager_blocks(model):
     images, instr, proprio = _inputs(model.cfg, 1, seed=11)
     torch.testing.assert_close(pol.predict_batch(images, instr, proprio), want.predict_batch(images, instr, proprio),
                                rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ one capture, owned outputs
+def test_self_capturing_compile_mode_is_translated_under_policy_capture():
+    from lwam._logging import _seen
+    from lwam.inference import SELF_CAPTURING_COMPILE_MODES, single_capture_mode
+
+    assert single_capture_mode("reduce-overhead", policy_captures=True) is None
+    assert "policy.compile-mode.reduce-overhead" in _seen
+    assert single_capture_mode("max-autotune", policy_captures=True) == "max-autotune-no-cudagraphs"
+    assert single_capture_mode("max-autotune-no-cudagraphs", True) == "max-autotune-no-cudagraphs"
+    assert single_capture_mode("reduce-overhead", policy_captures=False) == "reduce-overhead"
+    assert single_capture_mode(None, True) is None
+    assert set(SELF_CAPTURING_COMPILE_MODES) == {"reduce-overhead", "max-autotune"}
+    with pytest.raises(TypeError, match="compile_mode"):
+        single_capture_mode(3, True)
+
+
+def test_policy_rejects_nested_capture_when_built_directly(model):
+    import dataclasses
+
+    pol = Policy.from_model(model, compile=False)
+    opts = dataclasses.replace(pol.options, compile=True, cuda_graphs=True, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="reduce-overhead.*captures CUDA graphs"):
+        Policy(pol.fast, pol.cfg, opts, pol.normalizer, pol.text)
+
+
+class _OverwritingGraph:
+    """Stands in for a captured CUDA graph: each replay rewrites the static output buffer in place, as a
+    real replay does (the eager path computes what the graph would)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def replay(self):
+        self.runner.out.copy_(self.runner.policy.fast(*self.runner.args()))
+
+
+def test_graph_replay_results_are_not_overwritten_by_later_queries(model):
+    pol = Policy.from_model(model, compile=False)
+    cfg = model.cfg
+    pol.warmup(batch_size=1)
+    r = next(iter(pol._runners.values()))
+    r.graph = _OverwritingGraph(r)
+    images, instr, proprio = _inputs(cfg, 1, seed=40)
+    first = pol.predict_normalized(images, instr, proprio)
+    kept = first.clone()
+    images2, instr2, proprio2 = _inputs(cfg, 1, seed=41)
+    second = pol.predict_normalized(images2, instr2, proprio2)
+    assert not torch.equal(second, kept)            # the replay did rewrite the static buffer...
+    assert torch.equal(first, kept)                 # ...but not the tensor the caller holds
+    assert first.data_ptr() != r.out.data_ptr() and second.data_ptr() != r.out.data_ptr()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_outputs_of_two_shapes_stay_valid(model):
+    pol = Policy.from_model(copy.deepcopy(model).to("cuda"), device="cuda", compile_mode="reduce-overhead")
+    assert pol.options.cuda_graphs and pol.options.compile_mode is None   # translated, one capture
+    a = _inputs(model.cfg, 1, seed=50)
+    b = _inputs(model.cfg, 2, seed=51)
+    out_a = pol.predict_normalized(*a)
+    keep_a = out_a.clone()
+    out_b = pol.predict_normalized(*b)
+    keep_b = out_b.clone()
+    pol.predict_normalized(*_inputs(model.cfg, 1, seed=52))
+    pol.predict_normalized(*_inputs(model.cfg, 2, seed=53))
+    assert torch.equal(out_a, keep_a) and torch.equal(out_b, keep_b)

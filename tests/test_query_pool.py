@@ -440,3 +440,79 @@ def test_cuda_graph_capture():
         graph.replay()
     torch.cuda.synchronize()
     assert_close(out, expect, torch.float32, name="graph replay")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the CUDA launch configuration, run by the interpreter (CPU CI never picks it by itself)
+
+def _op_inputs(L, B, S, D, H, Q, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(B, S, D, generator=g) * 1.7 + 0.3).to(dtype) for _ in range(L)]
+    A = torch.randn(L, D, H * Q, generator=g) * (2.0 / D ** 0.5)
+    w = torch.softmax(torch.randn(L, Q, generator=g), dim=1)
+    gy = torch.randn(L, B, H, D, generator=g)
+    return xs, A, w, gy
+
+
+@needs_kernel
+@pytest.mark.parametrize("cc", [(8, 6), (9, 0)], ids=["sm_86", "sm_90"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_with_cuda_launch_config(cc, dtype):
+    # S = 70: two 64-token blocks (the second partial); D = 200: four 64-wide chunks, two 128-wide pool
+    # tiles (partial); B = 3: three _bwd_dA splits; H*Q = 15 of 32 padded columns.
+    L, B, S, D, H, Q = 2, 3, 70, 200, 3, 5
+    cfg = kq.cuda_config(cc, S, D, H, Q)
+    assert cfg != kq.interpreter_config(S, D) and cfg.BS < S and cfg.BD < D and cfg.batch_split(B) == B
+    xs, A, w, gy = _op_inputs(L, B, S, D, H, Q, dtype)
+    y, stats, lse = kq.query_pool_forward(xs, A, w, 1e-6, config=cfg)
+    gx, gA, gw = kq.query_pool_backward(gy, xs, A, w, stats, lse, 1e-6, config=cfg)
+
+    xs64 = [x.double().requires_grad_(True) for x in xs]
+    A64, w64 = A.double().requires_grad_(True), w.double().requires_grad_(True)
+    y64 = query_pool_folded_reference(xs64, A64, w64, 1e-6)
+    want = torch.autograd.grad(y64, [*xs64, A64, w64], gy.double())
+    # bf16 inputs: A is read in bf16 too, so compare with the table's bf16 tolerance
+    assert_close(y, y64, dtype, name="y")
+    assert gx.dtype == dtype and gA.dtype == A.dtype and gw.dtype == w.dtype
+    assert_close(gx, torch.stack(want[:L]), dtype, name="grad x")
+    assert_close(gA, want[L], dtype, name="grad A")
+    assert_close(gw, want[L + 1], dtype, name="grad w")
+
+
+def test_cuda_config_by_shared_memory_and_columns():
+    cfg86 = kq.cuda_config((8, 6), 392, 1536, 8, 16)
+    cfg90 = kq.cuda_config((9, 0), 392, 1536, 8, 16)
+    assert kq.shared_memory_limit((8, 6)) == kq.shared_memory_limit((8, 9)) == 101_376
+    assert kq.shared_memory_limit((8, 0)) == 166_912 and kq.shared_memory_limit((9, 0)) == 232_448
+    assert kq.shared_memory_limit((7, 5)) == 101_376          # unknown: the smallest known limit
+    assert cfg90.stages > cfg86.stages and kq.cuda_config((8, 9), 392, 1536, 8, 16) == cfg86
+    wide = kq.cuda_config((9, 0), 392, 1536, 16, 32)          # 512 logit columns: 4x shorter token blocks
+    assert wide.BS * 512 == cfg90.BS * 128
+    with pytest.raises(TypeError, match="config"):
+        kq.query_pool_forward(*_op_inputs(1, 1, 3, 16, 1, 1, torch.float32)[:3], 1e-6, config={"BS": 16})
+
+
+@needs_kernel
+def test_launch_that_cannot_run_falls_back_with_one_log_line(monkeypatch):
+    import triton
+
+    def no_resources(*args, **kwargs):
+        raise triton.runtime.errors.OutOfResources(106496, 101376, "shared memory")
+
+    monkeypatch.setattr(kq, "query_pool_forward", no_resources)
+    monkeypatch.setattr(kq, "query_pool_backward", no_resources)
+    xs, A, w, gy = _op_inputs(2, 2, 5, 32, 2, 3, torch.float32)
+    xs = [x.requires_grad_(True) for x in xs]
+    A.requires_grad_(True)
+    before = {k for k in _seen if k.startswith("query_pool.launch.")}
+    y = query_pool(xs, A, w, 1e-6)
+    grads = torch.autograd.grad(y, [*xs, A], gy)
+    y_ref = query_pool_folded_reference(xs, A, w, 1e-6)
+    want = torch.autograd.grad(y_ref, [*xs, A], gy)
+    torch.testing.assert_close(y, y_ref)
+    for g, r in zip(grads, want):
+        torch.testing.assert_close(g, r)
+    new = {k for k in _seen if k.startswith("query_pool.launch.")} - before
+    assert new <= {"query_pool.launch.forward.cpu.OutOfResources", "query_pool.launch.backward.cpu.OutOfResources"}
+    query_pool(xs, A, w, 1e-6)   # a second call logs nothing new
+    assert {k for k in _seen if k.startswith("query_pool.launch.")} - before == new

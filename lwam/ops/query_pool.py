@@ -9,7 +9,9 @@ Registered as ``torch.library`` custom ops (forward ``lwam::query_pool`` and ``l
 with fake implementations and autograd), so torch.compile traces each as one node and CUDA graphs can
 capture them. Dispatch happens inside the op: the Triton kernels of :mod:`lwam.kernels.query_pool` when
 Triton imports and the input is on CUDA (or on CPU with ``TRITON_INTERPRET=1``) in fp32/fp16/bf16; the
-reference otherwise, with one log line saying why. Importing this module imports neither Triton nor CUDA.
+reference otherwise, with one log line saying why. A launch that cannot run on the GPU at hand (too much
+shared memory or too many registers for it, or a Triton that cannot compile the kernel) also falls back
+to the reference, with one log line. Importing this module imports neither Triton nor CUDA.
 Double backward is not supported.
 """
 from __future__ import annotations
@@ -74,6 +76,13 @@ def _kernel_or_none(x: Tensor):
     return None
 
 
+def _log_launch_failure(which: str, x: Tensor, exc: Exception) -> None:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    why = f"the Triton {which} kernels cannot run on {x.device} ({type(exc).__name__}: {first})"
+    log_once(f"query_pool.launch.{which}.{x.device}.{type(exc).__name__}",
+             f"query_pool: using the PyTorch reference: {why}")
+
+
 def _check(xs: Sequence[Tensor], A: Tensor, w: Tensor) -> None:
     if len(xs) == 0:
         raise ValueError("xs: expected at least one layer tensor [B, S, D], got an empty list")
@@ -113,7 +122,10 @@ def _query_pool_op(xs: list[Tensor], A: Tensor, w: Tensor, eps: float) -> tuple[
     stats [2, L, B, S] fp32, lse [L, B, H*Q] fp32)."""
     kern = _kernel_or_none(xs[0])
     if kern is not None:
-        return kern.query_pool_forward(xs, A, w, eps)
+        try:
+            return kern.query_pool_forward(xs, A, w, eps)
+        except kern.LAUNCH_ERRORS as exc:
+            _log_launch_failure("forward", xs[0], exc)
     y, stats, lse = query_pool_folded_stats([x.detach() for x in xs], A.detach(), w.detach(), eps)
     return y.to(_y_dtype(xs[0])), stats, lse
 
@@ -134,14 +146,46 @@ def _query_pool_backward_op(gy: Tensor, xs: list[Tensor], A: Tensor, w: Tensor, 
     """gy: [L, B, H, D] -> (gX [L, B, S, D] in the dtype of xs, gA like A, gw like w)."""
     kern = _kernel_or_none(xs[0])
     if kern is not None:
-        return kern.query_pool_backward(gy, xs, A, w, stats, lse, eps)
-    with torch.enable_grad():
-        xs_ = [x.detach().requires_grad_(True) for x in xs]
-        A_ = A.detach().requires_grad_(True)
-        w_ = w.detach().requires_grad_(True)
-        y = query_pool_folded_reference(xs_, A_, w_, eps)
-        grads = torch.autograd.grad(y, [*xs_, A_, w_], gy.to(y.dtype))
-    return torch.stack(grads[:-2]), grads[-2].contiguous(), grads[-1].contiguous()
+        try:
+            return kern.query_pool_backward(gy, xs, A, w, stats, lse, eps)
+        except kern.LAUNCH_ERRORS as exc:
+            _log_launch_failure("backward", xs[0], exc)
+    return _reference_backward(gy, xs, A, w, eps)
+
+
+def _reference_backward(gy: Tensor, xs: Sequence[Tensor], A: Tensor, w: Tensor, eps: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """The folded core's backward in closed form (fp32 math, fp64 for fp64 inputs), the kernels' formulas.
+
+    An op implementation runs below autograd, so the reference cannot be differentiated here. Per layer,
+    with x_hat, P = softmax_s(x_hat A), c = P merged by w:  g_c = x_hat gy^T;  r = sum_s P g_c (grad w);
+    g_Z = w P (g_c - r);  g_xhat = c gy + g_Z A^T;  gA = sum_b x_hat^T g_Z;  then the LayerNorm backward.
+    Returns gX [L, B, S, D] (dtype of xs), gA like A, gw like w.
+    """
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    Q = w.shape[1]
+    H = A.shape[2] // Q
+    gxs, gAs, gws = [], [], []
+    for l, x in enumerate(xs):
+        x = x.detach().to(acc)
+        B, S, D = x.shape
+        var, mean = torch.var_mean(x, dim=-1, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        xh = (x - mean) * rstd
+        a = A[l].detach().to(acc)
+        wl = w[l].detach().to(acc)
+        p = torch.softmax(xh @ a, dim=1).view(B, S, H, Q)
+        c = (p * wl).sum(-1)                                                    # [B, S, H]
+        g = gy[l].to(acc)                                                       # [B, H, D]
+        gc = torch.einsum("bsd,bhd->bsh", xh, g)
+        r = (p * gc.unsqueeze(-1)).sum(1)                                       # [B, H, Q]
+        gz = (wl * p * (gc.unsqueeze(-1) - r.unsqueeze(1))).reshape(B, S, H * Q)
+        gxh = torch.einsum("bsh,bhd->bsd", c, g) + gz @ a.t()
+        gx = rstd * (gxh - gxh.mean(-1, keepdim=True) - xh * (gxh * xh).mean(-1, keepdim=True))
+        gxs.append(gx.to(xs[0].dtype))
+        gAs.append(torch.einsum("bsd,bsc->dc", xh, gz))
+        gws.append(r.sum(dim=(0, 1)))
+    return torch.stack(gxs), torch.stack(gAs).to(A.dtype), torch.stack(gws).to(w.dtype)
 
 
 @_query_pool_backward_op.register_fake
