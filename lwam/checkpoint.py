@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from lwam._safe_load import read_safetensors, torch_load_plain
 
 from lwam._atomic import atomic_write_bytes, atomic_write_dir
 from lwam.config import ImplConfig, LightWAMConfig
@@ -41,6 +43,11 @@ def save_checkpoint(model, path: str | os.PathLike, *, stats: dict | None = None
     text contexts its cache holds. ``stats``: normalisation statistics (JSON-able); ``trainer_state``:
     optimiser/scheduler/RNG/data position for resume (tensors and plain containers)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        from lwam.errors import NonFiniteError
+        raise NonFiniteError(f"checkpoint {path}: not written, tensor {bad!r} holds non-finite values "
+                             f"(the run diverged)", metric=bad)
 
     def fill(d: Path) -> None:
         (d / CONFIG_FILE).write_text(model.cfg.to_json())
@@ -60,13 +67,34 @@ def load_config(path: str | os.PathLike) -> LightWAMConfig:
     p = Path(path) / CONFIG_FILE
     if not p.is_file():
         raise FileNotFoundError(f"not an lwam checkpoint (no {CONFIG_FILE}): {path}")
-    return LightWAMConfig.from_dict(json.loads(p.read_text()))
+    d = _read_json(p, "checkpoint config")
+    try:
+        return LightWAMConfig.from_dict(d)
+    except (TypeError, AttributeError, KeyError) as e:
+        from lwam.errors import WeightFileError
+        raise WeightFileError(f"checkpoint config {p}: not an lwam model config ({type(e).__name__}: {e})") from None
+
+
+def _read_json(p: Path, what: str) -> Any:
+    from lwam.errors import WeightFileError
+
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightFileError(f"{what} {p}: not valid JSON ({e})") from None
 
 
 def load_impl(path: str | os.PathLike) -> ImplConfig | None:
     """The :class:`ImplConfig` recorded in a checkpoint directory (None for checkpoints older than it)."""
     p = Path(path) / IMPL_FILE
-    return ImplConfig.from_dict(json.loads(p.read_text())) if p.is_file() else None
+    if not p.is_file():
+        return None
+    d = _read_json(p, "implementation config")
+    try:
+        return ImplConfig.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+        from lwam.errors import WeightFileError
+        raise WeightFileError(f"implementation config {p}: not an ImplConfig ({type(e).__name__}: {e})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -80,16 +108,16 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     cfg = load_config(path)
     impl = load_impl(path)
     model = LightWAM(cfg, impl=None if impl is None else impl.replace(compile_blocks=False))
-    state = load_file(str(Path(path) / WEIGHTS_FILE))
+    state = read_safetensors(Path(path) / WEIGHTS_FILE, "checkpoint weights")
     load_into(model, state, f"checkpoint {path}")
     text_file = Path(path) / TEXT_FILE
     if text_file.is_file():
         model.text.update(TextContextCache.load(text_file, cfg.text))
     stats_file = Path(path) / STATS_FILE
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+    stats = _read_json(stats_file, "normalisation statistics") if stats_file.is_file() else None
     return model.to(device), stats
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any] | None:
     f = Path(path) / TRAINER_FILE
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+    return torch_load_plain(f, "trainer state") if f.is_file() else None

@@ -1,7 +1,7 @@
 """Typed configuration for Light-WAM and its named presets.
 
 Configuration is kept apart from modelling code: every module takes the sub-config it needs.
-``get_preset(name)`` returns a fresh :class:`LightWAMConfig`; ``paper`` is exactly SPEC.md,
+``get_preset(name)`` returns a fresh :class:`LightWAMConfig`; ``paper`` is exactly the published model (docs/model.md),
 ``tiny`` is the same architecture scaled down to train on two CPU cores in minutes.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# The ten LoRA targets of every DiT block (SPEC.md, "What trains").
+# The ten LoRA targets of every DiT block (docs/model.md, "What trains").
 LORA_TARGETS: tuple[str, ...] = (
     "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
@@ -116,7 +116,7 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    """Window and image conventions (SPEC.md, "Training objective" / "Data conventions")."""
+    """Window and image conventions (docs/model.md, "Training objective" / "Data conventions")."""
 
     image_height: int = 224
     image_width: int = 448
@@ -161,6 +161,28 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 1000
+
+
+def _validate_train(t: "TrainConfig") -> None:
+    """Positive, finite training numbers (a zero or negative value is an error, never a default)."""
+    import math
+
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every"):
+        v = getattr(t, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"train.{name}: expected an int >= 1, got {v!r}")
+    if not isinstance(t.warmup_steps, int) or t.warmup_steps < 0:
+        raise ValueError(f"train.warmup_steps: expected an int >= 0, got {t.warmup_steps!r}")
+    for name in ("lr", "grad_clip"):
+        v = getattr(t, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"train.{name}: expected a finite number > 0, got {v!r}")
+    for name in ("weight_decay", "video_loss_weight", "action_loss_weight"):
+        v = getattr(t, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"train.{name}: expected a finite number >= 0, got {v!r}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ValueError(f"train.min_lr_ratio: expected a number in [0, 1], got {t.min_lr_ratio!r}")
 
 
 ATTENTION_IMPLS = ("split", "masked")
@@ -321,6 +343,8 @@ class LightWAMConfig:
             raise ValueError("vae.latent_mean/latent_std must have z_dim entries")
         if self.vae.z_dim != d.in_channels:
             raise ValueError(f"vae.z_dim={self.vae.z_dim} must equal dit.in_channels={d.in_channels}")
+        _validate_train(self.train)
+
 
     # --- derived token counts -------------------------------------------------------------
     def latent_hw(self) -> tuple[int, int]:
@@ -395,7 +419,7 @@ _SUBCONFIGS = {
 
 
 def paper() -> LightWAMConfig:
-    """Exactly SPEC.md: Wan2.1-T2V-1.3B frozen, LIBERO data conventions."""
+    """Exactly the published model (docs/model.md): Wan2.1-T2V-1.3B frozen, LIBERO data conventions."""
     return LightWAMConfig(name="paper")
 
 

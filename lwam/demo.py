@@ -142,7 +142,8 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
         from lwam.envs.metaworld import MetaWorldTask
         policy = make_policy(model, stats, device=device)
         with MetaWorldTask(dcfg.tasks[0], cameras=cfg.data.cameras, size=cfg.data.image_height) as env:
-            policy(env.reset(seed=0))
+            from lwam.observation import from_sim_observation
+            policy.predict_action_chunk(from_sim_observation(env.reset(seed=0)))
     results: dict[str, Any] = {}
     with stage("eval"):
         results["policy"] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes, executed_steps=dcfg.executed_steps,
@@ -166,7 +167,7 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
         "eval_episodes_per_task": dcfg.eval_episodes,
         "eval_seed_start": results["policy"]["seed_start"],
         "mean_action_query_latency_ms": results["policy"]["query_latency_ms"],
-        "policy_kind": "lwam.inference.Policy" if type(policy).__name__ == "ObservationPolicy" else "eager",
+        "policy_kind": f"{type(policy).__module__}.{type(policy).__name__}",
         "stage_seconds": stage.times,
         "wall_seconds": wall,
         "demos": {k: v for k, v in col.items() if k != "path"},

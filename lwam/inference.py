@@ -1,6 +1,6 @@
 """Policy: the optimised single-pass action decoder (observation -> de-normalised action chunk).
 
-One action query (SPEC.md, "Inference"): VAE-encode the current composed frame -> cached text context +
+One action query (docs/model.md, "Inference"): VAE-encode the current composed frame -> cached text context +
 proprio token -> one backbone pass at t = 0 up to the last tapped layer -> StateFusionActionExpert ->
 normalised actions [B, H, A] -> de-normalise.
 
@@ -14,7 +14,7 @@ only chooses, copies, compiles and captures), each switchable and each checked a
   copied (they cannot change the action); with ``truncate=False`` the policy keeps and runs the whole
   backbone, as the published implementation does. Both run ``WanDiT.run_blocks``, the model's loop;
 * ``fold_pooling`` (``StateFusionActionExpert.inference_copy``): the folded learned-query pooling matrices
-  (DESIGN.md, "The fused ops", 1) are computed once, in fp32, from the frozen pooler weights; every query
+  (docs/design.md, "Fused pooling") are computed once, in fp32, from the frozen pooler weights; every query
   runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps after
   it, with no per-call parameter algebra;
 * ``single_frame_vae`` (``WanVAE.frame_encoder``): the current frame is one video frame, and every causal
@@ -408,8 +408,10 @@ class Policy:
         "max-autotune-no-cudagraphs"), with one log line; ``cuda_graphs=False`` keeps it as given.
         Every query returns a tensor the caller owns (a copy of the graph's static output).
         """
+        from lwam.validate import check_device
+
         cfg = model.cfg
-        dev = torch.device(device) if device is not None else model.proprio_encoder.weight.device
+        dev = check_device(device) if device is not None else model.proprio_encoder.weight.device
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         graphs = (dev.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
@@ -431,6 +433,10 @@ class Policy:
         ``Wan2.1_VAE.pth`` in the same directory (see :meth:`from_release`; pass
         ``vae_path``/``text_cache``/``stats``/``cfg`` through ``kwargs``). ``text_cache`` (a
         :class:`~lwam.model.text.TextContextCache`, its file or a mapping) adds instructions."""
+        from lwam.validate import check_device
+
+        if device is not None:
+            check_device(device)  # before loading anything
         p = Path(path)
         if p.is_file() and p.suffix == ".pt":
             vae_path = kwargs.pop("vae_path", None) or p.with_name("Wan2.1_VAE.pth")
@@ -469,12 +475,6 @@ class Policy:
         self.text.add(instruction, text_context)
         self._text_emb.pop(instruction, None)
 
-    @property
-    def instructions(self) -> list[str]:
-        """The instructions the policy holds a text context for (more are encoded on demand when the
-        config has a text encoder)."""
-        return self.text.instructions
-
     def _resolve_text(self, instructions: Sequence[str]) -> None:
         """Make sure every instruction has a raw context (encoding missing ones if an encoder exists)."""
         missing = [s for s in dict.fromkeys(instructions) if s not in self.text]
@@ -502,7 +502,11 @@ class Policy:
                ) -> tuple[torch.Tensor, list[str], torch.Tensor, bool]:
         cfg = self.cfg
         factor = cfg.vae.spatial_factor * cfg.dit.patch_size[1]
+        from lwam.validate import check_finite, check_image_size, check_unit_range
+
         x = prepare_images(images, batched, factor)
+        check_image_size(x.shape[2], x.shape[3], cfg)
+        check_unit_range(x, "images")
         b = x.shape[0]
         is_numpy = isinstance(proprio, np.ndarray)
         if is_numpy:
@@ -518,6 +522,7 @@ class Policy:
             raise ValueError(f"proprio: expected [B={b}, {p}], got {tuple(proprio.shape)}")
         if not (proprio.is_floating_point() or proprio.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"proprio: expected a float tensor, got {proprio.dtype}")
+        check_finite(proprio, "proprio")
         if isinstance(instructions, str):
             instructions = [instructions] * b
         if not isinstance(instructions, Sequence) or not all(isinstance(s, str) for s in instructions):
@@ -616,3 +621,61 @@ class Policy:
         return (f"Policy(preset={self.cfg.name!r}, device={self.device}, dtype={self.dtype}, "
                 f"compile={o.compile}, cuda_graphs={o.cuda_graphs}, merge_lora={o.merge_lora}, "
                 f"truncate={o.truncate}, fold_pooling={o.fold_pooling}, single_frame_vae={o.single_frame_vae})")
+
+    # --- robot-facing API: LeRobot-style observations, action queue (lwam.observation) -----------
+    @property
+    def executed_steps(self) -> int:
+        """Actions :meth:`select_action` executes from each chunk (default: the checkpoint's
+        ``cfg.data.executed_steps``, the value it was trained and evaluated with); assignable."""
+        return getattr(self, "_executed_steps", None) or self.cfg.data.executed_steps
+
+    @executed_steps.setter
+    def executed_steps(self, n: int) -> None:
+        from lwam.observation import check_executed_steps
+        self._executed_steps = check_executed_steps(n, self.cfg.chunk_size)
+
+    @property
+    def instructions(self) -> list[str]:
+        """The instructions with a cached text context (any other needs the config's text encoder)."""
+        return sorted(self.text.instructions)
+
+    @property
+    def text_encoder(self):
+        """The config's text encoder (None: only cached instructions are answered)."""
+        return self.text.encoder
+
+    def can_answer(self, instruction: str) -> bool:
+        return instruction in self.text or self.text.encoder is not None
+
+    def observation_spec(self) -> dict[str, dict[str, Any]]:
+        """``{key: {"shape", "dtype"}}`` of every array of an observation (see lwam.observation)."""
+        from lwam.observation import observation_spec
+        return observation_spec(self.cfg.data, self.cfg.proprio_dim)
+
+    def predict_action_chunk(self, observation: Mapping[str, Any]) -> Any:
+        """LeRobot-style observation dict (``observation.images.<camera>``, ``observation.state``,
+        ``task`` or ``prompt``; lwam.observation) -> de-normalised actions [H, A] float32, or [B, H, A] for a
+        batched observation (numpy, or a torch tensor when ``observation.state`` is one). The cameras are
+        composed and rotated as in training, then :meth:`predict` / :meth:`predict_batch` answers."""
+        from lwam.observation import parse_observation
+
+        obs = parse_observation(observation, self.cfg.data, self.cfg.proprio_dim)
+        if obs.batched:
+            out = self.predict_batch(obs.images, obs.instructions, obs.proprio)
+        else:
+            out = self.predict(obs.images[0], obs.instructions[0], obs.proprio[0])
+        return torch.from_numpy(out) if obs.torch_out else out
+
+    def select_action(self, observation: Mapping[str, Any]) -> Any:
+        """The next action [A] (or [B, A]): every :attr:`executed_steps` calls one
+        :meth:`predict_action_chunk` refills the queue; the calls between only pop it."""
+        from lwam.observation import ActionQueue
+
+        if getattr(self, "_action_queue", None) is None:
+            self._action_queue = ActionQueue()
+        return self._action_queue.pop(lambda: self.predict_action_chunk(observation), self.executed_steps)
+
+    def reset(self) -> None:
+        """Forget the queued actions (call at the start of every episode)."""
+        if getattr(self, "_action_queue", None) is not None:
+            self._action_queue.clear()

@@ -78,57 +78,60 @@ def train_vae_stage(model, windows, out_dir: Path, steps: int, batch_size: int =
 
 def cache_latents_stage(model, windows, path: Path, batch_size: int = 16, progress: bool = True):
     """Encode every window once (resumable) -> LatentWindows over the memory-mapped cache."""
-    from lwam.data.cache import CachedWindowDataset, build_latent_cache
+    from lwam.data.cache import CachedWindowDataset, build_latent_cache, state_digest
 
     model.vae.eval()
+    depends = {"vae": state_digest(model.vae)}  # other VAE weights or statistics give other latents
     build_latent_cache(windows, model.encode_video, path, batch_size=batch_size, progress=progress,
-                       dtype="float32")
-    return LatentWindows(CachedWindowDataset(windows, path))
+                       dtype="float32", depends_on=depends)
+    return LatentWindows(CachedWindowDataset(windows, path, depends_on=depends))
 
 
-class ModelPolicy:
-    """Raw observation -> de-normalised action chunk [H, A] with an eager LightWAM.
+def compile_failures() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "torch.compile could not build the action path" (a backend or C++ compiler
+    failure, e.g. no working compiler on the machine). Only these make :func:`make_policy` fall back."""
+    import torch._dynamo.exc as dynamo_exc
 
-    obs: {"images": {camera: uint8 [h, w, 3]}, "proprio": [P], "instruction": str}."""
-
-    def __init__(self, model, stats: dict, device: str | torch.device = "cpu"):
-        from lwam.data.normalize import Normalizer
-
-        self.model = model.eval().to(device)
-        self.norm = Normalizer.from_dict(stats)
-        self.device = torch.device(device)
-
-    @torch.no_grad()
-    def __call__(self, obs: dict[str, Any]) -> np.ndarray:
-        from lwam.data.cameras import compose_observation
-
-        img = compose_observation(obs["images"], self.model.cfg.data)[None].to(self.device)
-        prop = self.norm.apply("observation.state", np.asarray(obs["proprio"], dtype=np.float32))
-        prop = torch.from_numpy(np.asarray(prop, dtype=np.float32))[None].to(self.device)
-        a = self.model.predict_actions(img, prop, instruction=obs["instruction"])[0].float().cpu().numpy()
-        return self.norm.invert("action", a)
+    failures: list[type[BaseException]] = [dynamo_exc.BackendCompilerFailed]
+    try:
+        from torch._inductor import exc as inductor_exc
+        failures += [inductor_exc.InductorError, inductor_exc.CppCompileError]
+    except (ImportError, AttributeError):  # older torch: BackendCompilerFailed wraps them
+        pass
+    return tuple(failures)
 
 
-class ObservationPolicy:
-    """Adapts :class:`lwam.inference.Policy` to simulator observations (composes the cameras first)."""
+def warm_policy(build, batch_sizes=(1,), compiled: bool = True):
+    """``build(compile: bool) -> Policy``; warm up (compile) every batch size in ``batch_sizes``.
 
-    def __init__(self, policy, data_cfg):
-        self.policy, self.data_cfg = policy, data_cfg
+    A compile failure (:func:`compile_failures`) is the one documented fallback: it is logged with its
+    reason and the same transformed policy is rebuilt with ``compile=False``. Any other error propagates."""
+    policy = build(compiled)
+    try:
+        for b in batch_sizes:
+            policy.warmup(b)
+    except compile_failures() as e:
+        if not compiled:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        logger.warning(f"torch.compile failed for the action path ({type(e).__name__}: {first}); "
+                       f"running the same transformed Policy without compilation (compile=False)")
+        policy = build(False)
+        for b in batch_sizes:
+            policy.warmup(b)
+    return policy
 
-    def __call__(self, obs: dict[str, Any]) -> np.ndarray:
-        from lwam.data.cameras import compose_observation
 
-        img = compose_observation(obs["images"], self.data_cfg)
-        return self.policy.predict(img, obs["instruction"], np.asarray(obs["proprio"], dtype=np.float32))
+def make_policy(model, stats: dict, device: str | torch.device = "cpu", compiled: bool = True, eager: bool = False):
+    """The robot-facing policy of a trained model (``predict_action_chunk(observation)``, ``select_action``,
+    ``reset``; lwam.observation), warmed up at batch 1.
 
-
-def make_policy(model, stats: dict, device: str | torch.device = "cpu", compiled: bool = True):
-    """An observation -> actions [H, A] callable: the optimised :class:`lwam.inference.Policy` when it can
-    be built, else the eager adapter (with one warning that says why)."""
-    if compiled:
-        try:
-            from lwam.inference import Policy
-            return ObservationPolicy(Policy.from_model(model, stats=stats, device=device), model.cfg.data)
-        except Exception as e:  # the eager path is always correct; say why the fast one was not used
-            logger.warning(f"optimised Policy unavailable ({type(e).__name__}: {e}); using the eager model")
-    return ModelPolicy(model, stats, device)
+    Default: the optimised :class:`lwam.inference.Policy` (compiled; without ``torch.compile`` if it fails
+    to compile, logged: :func:`warm_policy`). ``compiled=False``: the same Policy uncompiled.
+    ``eager=True``: :class:`lwam.eager.EagerPolicy`, the plain model, for debugging. Every other failure
+    raises: nothing silently swaps in another implementation."""
+    if eager:
+        from lwam.eager import EagerPolicy
+        return EagerPolicy(model, stats, device)
+    from lwam.inference import Policy
+    return warm_policy(lambda c: Policy.from_model(model, stats=stats, device=device, compile=c), (1,), compiled)

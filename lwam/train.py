@@ -3,13 +3,20 @@ runs the fast one, ``--impl reference`` the published arithmetic), AdamW + warm-
 atomic checkpoints with full resume, JSON-lines metrics, a loss plot, and data parallelism through
 torch.distributed (DDP, or FSDP2 with ``fsdp=True``) when launched by torchrun.
 
+Divergence: a non-finite loss (or any loss term) or gradient norm stops the run with a
+:class:`~lwam.errors.NonFiniteError` naming the step and the first non-finite metric, before the optimiser
+applies that step, so no non-finite weights are ever written (``max_nonfinite_skips`` > 0 skips up to that
+many such steps instead, each with a warning). Resume takes the newest intact checkpoint, warning about any
+newer one it cannot read. Rank 0 holds the output directory's lock (:mod:`lwam._lock`) for the Trainer's
+lifetime, so a second process training into the same directory is refused.
+
 Determinism: the batch of global step k is a fixed function of (seed, k) (a per-epoch permutation), and
 the video branch's noise of sample i in step k is drawn from a generator seeded by (seed, k). So a resumed
 run, or the same global batch split over several ranks, sees exactly the same data and noise.
 
-Host syncs: a step leaves its metrics on the device (0-dim tensors); :meth:`Trainer.train` reads them once
-per ``log_every`` steps (one transfer for the whole interval), so the GPU queue is never drained by
-logging.
+Host syncs: a step leaves its metrics on the device (0-dim tensors); :meth:`Trainer.train` reads their
+values once per ``log_every`` steps, so logging never drains the GPU queue. The divergence check above
+costs one sync of a single bool per step (every metric finite?), before the optimiser step.
 """
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ import math
 import os
 import shutil
 import time
+import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,11 +35,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from lwam import _lock
 from lwam._atomic import atomic_path, atomic_write_bytes
 from lwam._logging import logger
 from lwam.checkpoint import load_trainer_state, save_checkpoint
-from lwam.config import ImplConfig, TrainConfig
+from lwam.config import ImplConfig, TrainConfig, _validate_train
 from lwam.data.windows import collate_windows
+from lwam.errors import NonFiniteError, WeightFileError
 from lwam.schedule import warmup_cosine
 
 CHECKPOINT_DIR = "checkpoints"
@@ -51,6 +62,22 @@ def global_batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.extend(perm[offset: offset + batch - len(out)].tolist())
     return out
+
+
+def first_nonfinite(metrics: dict[str, Any]) -> tuple[str, float] | None:
+    """(name, value) of the first non-finite metric in ``metrics`` (floats or 0-dim tensors, insertion
+    order), or None. Reading a tensor syncs the host: call it only once something is known to be wrong."""
+    for k, v in metrics.items():
+        x = float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        if isinstance(x, float) and not math.isfinite(x):
+            return k, x
+    return None
+
+
+def all_finite(metrics: dict[str, Any]) -> bool:
+    """Whether every tensor metric is finite: ONE host sync for all of them (a single bool crosses)."""
+    ts = [v.detach().float().reshape(()) for v in metrics.values() if isinstance(v, torch.Tensor)]
+    return True if not ts else bool(torch.isfinite(torch.stack(ts)).all())
 
 
 def _dist_info() -> tuple[int, int]:
@@ -74,8 +101,14 @@ class Trainer:
     def __init__(self, model, dataset: Dataset, out_dir: str | os.PathLike, cfg: TrainConfig | None = None, *,
                  impl: ImplConfig | str | None = None, stats: dict | None = None,
                  device: str | torch.device | None = None, resume: bool = True, progress: bool = True,
-                 fsdp: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None):
+                 fsdp: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+                 max_nonfinite_skips: int = 0):
         self.cfg = cfg or model.cfg.train
+        _validate_train(self.cfg)
+        if max_nonfinite_skips < 0:
+            raise ValueError(f"max_nonfinite_skips: expected >= 0, got {max_nonfinite_skips}")
+        self.max_nonfinite_skips = int(max_nonfinite_skips)
+        self.nonfinite_skipped = 0
         self.rank, self.world = _dist_info()
         if self.cfg.batch_size % (self.world * self.cfg.grad_accum):
             raise ValueError(f"train.batch_size={self.cfg.batch_size} must be divisible by world size {self.world} "
@@ -104,6 +137,10 @@ class Trainer:
         self.autocast = self.device.type == "cuda" and self.cfg.mixed_precision == "bf16"
         self.wrapped = self._wrap(fsdp)
         if self.rank == 0:
+            # Before touching any file: a second trainer on this directory would delete the first one's
+            # partial checkpoints and interleave its metrics.
+            _lock.acquire(self.out_dir, command="lwam Trainer")
+            weakref.finalize(self, _lock.release, self.out_dir)
             self._clean_partial_checkpoints()
         if self.world > 1:
             dist.barrier()  # no rank lists checkpoints while rank 0 is still tidying them
@@ -158,6 +195,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "nonfinite_skipped": self.nonfinite_skipped,
         }
         path = save_checkpoint(self.model, self.out_dir / CHECKPOINT_DIR / f"step_{self.step:07d}",
                                stats=self.stats, trainer_state=state)
@@ -165,24 +203,39 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
+        """Load the newest intact checkpoint (weights, optimiser, scheduler, RNG, step). A newer one that
+        cannot be read (truncated by a crash of the disk or the machine) is skipped with a warning."""
         ckpts = self.checkpoint_dirs()
         if not ckpts:
             return False
-        from safetensors.torch import load_file
-        from lwam.model.weights import load_into
-        path = ckpts[-1]
-        load_into(self.model, load_file(str(path / "model.safetensors")), f"checkpoint {path}")
-        state = load_trainer_state(path)
-        if state is None:
-            raise FileNotFoundError(f"{path}: no trainer.pt, cannot resume optimiser state")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state.get("rng_cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step = int(state["step"])
-        logger.info(f"resumed from {path} at step {self.step}")
-        return True
+        from lwam._safe_load import read_safetensors
+        from lwam.model.weights import CheckpointMismatchError, load_into
+
+        failures: list[str] = []
+        for path in reversed(ckpts):
+            try:
+                weights = read_safetensors(path / "model.safetensors", "checkpoint weights")
+                state = load_trainer_state(path)
+                if state is None:
+                    raise FileNotFoundError(f"{path}: no trainer.pt, cannot resume optimiser state")
+                load_into(self.model, weights, f"checkpoint {path}")
+            except CheckpointMismatchError:
+                raise  # another model: every checkpoint of this run would fail alike
+            except (WeightFileError, FileNotFoundError, OSError) as e:
+                failures.append(f"{path.name}: {e}")
+                logger.warning(f"cannot resume from {path} ({e}); trying the previous checkpoint")
+                continue
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng_cpu"])
+            if state.get("rng_cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+            self.step = int(state["step"])
+            self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+            logger.info(f"resumed from {path} at step {self.step}")
+            return True
+        raise WeightFileError(f"{self.out_dir / CHECKPOINT_DIR}: no intact checkpoint to resume from ("
+                              + "; ".join(failures) + "); move the directory away to start fresh")
 
     # --- one step -----------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[dict[str, Any]]:
@@ -219,7 +272,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimiser step (all micro-batches). Returns its metrics: 0-dim tensors on the device
         (``loss``, ``video_loss``, ``action_loss``, ``video_mse``, ``t_mean``, ``grad_norm``; micro-batch
-        means) and ``lr`` (float). The gradients stay in ``.grad`` until the next step."""
+        means), ``lr`` (float) and ``skipped_nonfinite`` (1.0, only on a skipped step). The gradients stay
+        in ``.grad`` until the next step. A non-finite metric stops the run (:class:`NonFiniteError`)
+        before the update, or skips the update within ``max_nonfinite_skips``."""
         self.wrapped.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Any] = {}
@@ -233,8 +288,18 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip).detach()
         totals["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        # The step's one host sync: a single bool, so that a diverged step is never applied. The metric
+        # values themselves stay on the device (read once per logging interval).
+        bad = None if all_finite(totals) else first_nonfinite(totals)
+        if bad is not None:
+            self._nonfinite_step(*bad)
+            totals["skipped_nonfinite"] = 1.0
+            with warnings.catch_warnings():  # the schedule moves on with the step count, update or not
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
         self.step += 1
         return totals
 
@@ -252,10 +317,28 @@ class Trainer:
             rows.append(row)
         return rows
 
+    def _nonfinite_step(self, metric: str, value: float) -> None:
+        """Step ``self.step + 1`` (numbered as in metrics.jsonl) produced a non-finite ``metric``: raise,
+        or skip its update while the skip budget lasts."""
+        step = self.step + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_skipped += 1
+        if self.nonfinite_skipped > self.max_nonfinite_skips:
+            allowed = (f"after skipping {self.max_nonfinite_skips} such step(s) " if self.max_nonfinite_skips else "")
+            raise NonFiniteError(
+                f"training diverged {allowed}at step {step}: {metric} = {value} (the update was not applied and "
+                f"nothing non-finite was saved); lower the learning rate, check the data for non-finite "
+                f"values, or allow skipping such steps (max_nonfinite_skips / --skip-nonfinite)",
+                step=step, metric=metric)
+        logger.warning(f"step {step}: {metric} = {value}; update skipped ({self.nonfinite_skipped} of at most "
+                       f"{self.max_nonfinite_skips})")
+
     # --- loop ---------------------------------------------------------------------------------
     def train(self, max_steps: int | None = None) -> dict[str, Any]:
         """Run until ``max_steps`` (default cfg.max_steps); returns the last metrics and timing."""
-        total = max_steps or self.cfg.max_steps
+        total = self.cfg.max_steps if max_steps is None else max_steps
+        if not isinstance(total, int) or total < 1:
+            raise ValueError(f"max_steps: expected an int >= 1, got {total!r}")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out_dir / METRICS_FILE
         if self.rank == 0 and metrics_path.exists():

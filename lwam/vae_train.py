@@ -134,10 +134,9 @@ def save_vae_checkpoint(vae: WanVAE, path: str | os.PathLike, step: int | None =
 def load_vae_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> WanVAE:
     """Rebuild a VAE written by :func:`save_vae_checkpoint` (config and latent statistics from the
     metadata, tensors checked strictly against the layout)."""
-    from safetensors import safe_open
+    from lwam._safe_load import read_safetensors_metadata
 
-    with safe_open(str(path), framework="pt", device="cpu") as fh:
-        meta = fh.metadata() or {}
+    meta = read_safetensors_metadata(path, "VAE checkpoint")
     if "config" not in meta:
         raise ValueError(f"{path}: no 'config' in the safetensors metadata; load it with "
                          f"WanVAE(cfg).load_pretrained(path) instead")

@@ -4,7 +4,7 @@ Stats are computed once over a dataset's low-dimensional features and stored as 
 (``meta/lwam_stats.json``); checkpoints store the same dict (``Normalizer.to_dict()``), so a policy
 de-normalises with exactly the numbers it was trained with.
 
-Modes (SPEC.md, "Data conventions"):
+Modes (docs/model.md, "Data conventions"):
 - ``"minmax"``: y = 2 (x - min) / (max - min) - 1, so the data range maps to [-1, 1];
 - ``"zscore"``: y = (x - mean) / std;
 - ``"identity"``: y = x.
@@ -69,7 +69,15 @@ def compute_dataset_stats(dataset: LeRobotReader, keys: Sequence[str] | None = N
     """Stats of ``keys`` (default: the dataset's state and action features) over ``episodes`` (all)."""
     keys = list(keys) if keys is not None else [dataset.state_key, dataset.action_key]
     eps = list(episodes) if episodes is not None else dataset.episode_indices
-    return {k: compute_stats(dataset.episode_data(e)[k] for e in eps) for k in keys}
+    from lwam.validate import check_finite_rows
+
+    def rows(k: str):
+        for e in eps:
+            v = dataset.episode_data(e)[k]
+            check_finite_rows(v, f"{dataset.root}: episode {e} {k!r}")
+            yield v
+
+    return {k: compute_stats(rows(k)) for k in keys}
 
 
 def save_stats(stats: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -1,4 +1,4 @@
-"""Training windows (SPEC.md, "Training objective").
+"""Training windows (docs/model.md, "Training objective").
 
 A window starts at every frame t of every episode and spans 33 steps: the actions t .. t+H-1
 (H = ``chunk_size`` = 32), the proprio state at t, and ``num_frames`` = 9 video frames at
@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from lwam.data.cameras import compose_uint8, layout_slots
 from lwam.data.lerobot import LeRobotReader
 from lwam.data.normalize import Normalizer, dataset_stats
+from lwam.validate import check_finite_rows
 
 
 class WindowDataset(Dataset):
@@ -108,6 +109,8 @@ class WindowDataset(Dataset):
         if ep not in self._low:
             d = self.dataset.episode_data(ep)
             ds = self.dataset
+            for key in (ds.action_key, ds.state_key):
+                check_finite_rows(d[key], f"{ds.root}: episode {ep} {key!r}")
             self._low[ep] = {
                 "actions": torch.from_numpy(self.normalizer.apply(ds.action_key, d[ds.action_key])).float(),
                 "proprio": torch.from_numpy(self.normalizer.apply(ds.state_key, d[ds.state_key])).float(),

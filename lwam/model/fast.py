@@ -23,9 +23,9 @@ and every trainable gradient of one ``Trainer`` step against the reference (tole
     The RoPE tables depend only on the token grid and the device; ``WanDiT`` keeps them per
     (rope, grid, device) instead of rebuilding them on every forward. Bit-identical tables.
 ``fused_pooling``
-    The SFAE's learned-query pooling through the fused ``lwam::query_pool`` op (all tapped layers in one
-    launch, attention folded algebraically: DESIGN.md "The fused ops", 1) instead of the plain per-layer
-    ``nn.MultiheadAttention`` pooler. Exact up to summation order.
+    The SFAE's learned-query pooling of the tapped layers through the fused ``lwam::query_pool`` op (all
+    layers in one launch, attention folded algebraically: docs/design.md, "Fused pooling") instead of the
+    plain per-layer ``nn.MultiheadAttention`` pooler. Exact up to summation order.
 ``fused_downsample``
     The video branch's 2x2 spatial mean through ``lwam::latent_downsample`` (lwam._C) instead of
     ``F.avg_pool3d``. Both average the same four values in fp32.

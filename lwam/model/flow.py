@@ -1,4 +1,4 @@
-"""Flow-matching schedule of the video branch (SPEC.md, "Training objective").
+"""Flow-matching schedule of the video branch (docs/model.md, "Training objective").
 
 sigma = shift*u / (1 + (shift-1)*u), u ~ U(0, 1); t = 1000*sigma; x_t = (1-sigma) x0 + sigma eps;
 target v = eps - x0. The per-sample weight is a Gaussian bump in t centred at 500, shifted so that it is

@@ -1,6 +1,6 @@
 """LightWAM: the whole model (DiT + LoRA + adapters + SFAE + proprio token + VAE + flow schedule).
 
-Two passes per training sample (SPEC.md, "Training objective"):
+Two passes per training sample (docs/model.md, "Training objective"):
 - video: latents 2x2-downsampled in space, frames 1.. noised by flow matching (frame 0 clean, t = 0),
   the DiT predicts v = eps - x0; per sample the MSE is a masked mean over the future latent steps that
   are not padding (:func:`latent_steps_is_pad`), weighted by w(t), then averaged over the batch;
@@ -23,6 +23,7 @@ from lwam.model.text import TextContextCache, make_text_encoder
 from lwam.model.vae import WanVAE
 from lwam.ops.latent_downsample import latent_downsample
 from lwam.reference.latent_downsample import latent_downsample as reference_latent_downsample
+from lwam.validate import check_finite, check_image_size, check_unit_range
 
 def latent_steps_is_pad(frames_is_pad: torch.Tensor, temporal_factor: int) -> torch.Tensor:
     """frames_is_pad bool [B, T] (raw frames past the episode end) -> bool [B, 1 + (T-1)/tf].
@@ -144,6 +145,8 @@ class LightWAM(nn.Module):
             raise ValueError(f"{name}: H and W must be divisible by {f}, got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"{name}: expected a float tensor in [-1, 1], got {images.dtype}")
+        check_image_size(images.shape[2], images.shape[3], self.cfg, name)
+        check_unit_range(images, name)
 
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
@@ -227,6 +230,10 @@ class LightWAM(nn.Module):
             video = batch["video"].to(device)
             if video.dim() != 5 or video.shape[1] != 3:
                 raise ValueError(f"video: expected [B, 3, T, H, W], got {tuple(video.shape)}")
+            if not video.is_floating_point():
+                raise TypeError(f"video: expected float values in [-1, 1], got {video.dtype} (uint8 frames: "
+                                f"x / 127.5 - 1)")
+            check_unit_range(video, "video")
             latents = self.encode_video(video)
         else:
             raise ValueError("batch needs 'latents' or 'video'")
@@ -271,6 +278,13 @@ class LightWAM(nn.Module):
             batch["instruction"] = [instruction] * images.shape[0] if isinstance(instruction, str) else list(instruction)
         if proprio.dim() != 2 or proprio.shape[0] != images.shape[0]:
             raise ValueError(f"proprio: expected [B={images.shape[0]}, {self.cfg.proprio_dim}], got {tuple(proprio.shape)}")
+        check_finite(proprio, "proprio")
+        if "instruction" in batch and len(batch["instruction"]) != images.shape[0]:
+            raise ValueError(f"instruction: expected one str or {images.shape[0]} (one per image), got "
+                             f"{len(batch['instruction'])}")
+        if text_context is not None and (text_context.dim() != 3 or text_context.shape[0] != images.shape[0]):
+            raise ValueError(f"text_context: expected [B={images.shape[0]}, {self.cfg.text.max_tokens}, "
+                             f"{self.cfg.text.dim}], got {tuple(text_context.shape)}")
         ctx = self.context(self.text_context(batch, device), proprio.to(device))
         z = self.encode_video(images.to(device)[:, :, None])
         return self.action_pass(z, ctx)

@@ -49,7 +49,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> 
 
     ``cos``/``sin``: [S, d/2] fp32 from :func:`rope_cos_sin`. If ``cos`` is instead a complex table from
     :func:`rope_freqs_complex` (``sin`` None), the rotation runs in complex float64 (:func:`apply_rope_complex`),
-    the published implementation's arithmetic (``WanDiT.rope_impl = "complex"``)."""
+    the published implementation's arithmetic (``ImplConfig.rope == "complex"``)."""
     if cos.is_complex():
         return apply_rope_complex(x, cos)
     b, s, h, d = x.shape

@@ -181,18 +181,19 @@ class TextContextCache:
     @classmethod
     def load(cls, path: str | os.PathLike, cfg: TextConfig, encoder=None) -> "TextContextCache":
         """Read a file written by :meth:`save` (or :func:`build_text_cache`); shapes checked against ``cfg``."""
-        from safetensors import safe_open
+        from lwam._safe_load import read_safetensors_with_metadata
+        from lwam.errors import WeightFileError
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"text cache missing: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != TEXT_CACHE_FORMAT or "context" not in f.keys():
-                raise ValueError(f"{path}: not an lwam text cache (metadata format={meta.get('format')!r}, "
-                                 f"expected {TEXT_CACHE_FORMAT!r} with a 'context' tensor)")
-            context = f.get_tensor("context")
-        names = json.loads(meta["instructions"])
+        tensors, meta = read_safetensors_with_metadata(path, "text cache")
+        if meta.get("format") != TEXT_CACHE_FORMAT or "context" not in tensors:
+            raise WeightFileError(f"text cache {path}: not an lwam text cache (metadata format="
+                                  f"{meta.get('format')!r}, expected {TEXT_CACHE_FORMAT!r} with a 'context' tensor)")
+        context = tensors["context"]
+        try:
+            names = json.loads(meta.get("instructions", ""))
+        except ValueError:
+            raise WeightFileError(f"text cache {path}: its 'instructions' metadata is not JSON") from None
         if context.dim() != 3 or context.shape[0] != len(names):
             raise ValueError(f"{path}: context {tuple(context.shape)} does not hold {len(names)} instructions")
         out = cls(cfg, encoder)

@@ -1,4 +1,4 @@
-"""Wan2.1 causal video VAE in plain PyTorch (SPEC.md, "VAE").
+"""Wan2.1 causal video VAE in plain PyTorch (docs/model.md, "VAE").
 
 The module tree reproduces the published ``Wan2.1_VAE.pth`` key layout exactly when built from the
 ``paper`` :class:`~lwam.config.VAEConfig` (126,892,531 parameters); the same code builds any scaled
@@ -599,11 +599,9 @@ class WanVAE(nn.Module):
 def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from lwam._safe_load import read_safetensors_with_metadata
 
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            meta = dict(fh.metadata() or {})
-            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+        return read_safetensors_with_metadata(path, "VAE weight file")
     return load_wan_vae_state_dict(path), {}
 
 
@@ -614,7 +612,9 @@ def load_wan_vae_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no VAE weight file at {str(path)!r}")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    from lwam._safe_load import torch_load_plain
+
+    obj = torch_load_plain(path, "VAE weight file")
     if isinstance(obj, dict) and "model_state" in obj and isinstance(obj["model_state"], dict):
         obj = obj["model_state"]
     if not isinstance(obj, dict):

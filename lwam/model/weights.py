@@ -62,10 +62,8 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weight file not found: {path}")
-    return load_file(str(path))
+    from lwam._safe_load import read_safetensors as _read
+    return _read(path, "weight file")
 
 
 def dit_pretrained_keys(dit: nn.Module) -> list[str]:
@@ -95,9 +93,8 @@ def split_release(ckpt: Mapping) -> tuple[dict, dict, dict]:
 def load_lightwam_release(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load a published Light-WAM ``.pt`` into a :class:`LightWAM` (DiT incl. frozen weights, LoRA and
     adapters; the SFAE; the proprio encoder). Returns the remaining metadata ('step', 'torch_dtype')."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"Light-WAM checkpoint not found: {path}")
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    from lwam._safe_load import torch_load_plain
+    ckpt = torch_load_plain(path, "Light-WAM checkpoint")
     if not isinstance(ckpt, Mapping):
         raise CheckpointMismatchError(f"{path}: expected a dict, got {type(ckpt).__name__}")
     dit, expert, proprio = split_release(ckpt)

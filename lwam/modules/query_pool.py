@@ -10,7 +10,7 @@
   (every module with the learned-query pooler's structure, e.g. the published Light-WAM poolers), keeping
   its parameter objects, and returns the names it replaced.
 
-The fused path folds the attention (DESIGN.md, "The fused ops", 1): the parameter-side algebra (query
+The fused path folds the attention (docs/design.md, "Fused pooling"): the parameter-side algebra (query
 projection through W_q and W_k, the token-norm gain, the value projection, W_o, the constant bias terms,
 the output LayerNorm) runs as ordinary differentiable torch ops on small tensors; only the token-side work
 ([L, B, S, D] -> [L, B, H, D]) is the fused op. When the kernel cannot run (no Triton, CPU without

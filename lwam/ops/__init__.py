@@ -1,5 +1,5 @@
 """The fused ops: ``torch.library`` custom ops with fake impls and autograd, a reference fallback where no
-kernel can run (DESIGN.md, "The fused ops").
+kernel can run (docs/design.md).
 
 ``query_pool(xs, A, w, eps)``: multi-layer learned-query pooling core (Triton), ``[L, B, S, D] -> [L, B, H, D]``;
 ``latent_downsample(x, factor)``: spatial mean over f x f blocks (lwam._C), ``[B, C, T, H, W] -> [B, C, T, H/f, W/f]``.

@@ -13,7 +13,7 @@ Two references live here:
 :func:`fold_pooler_params` turns one pooler's parameters into the folded matrix ``A_l``, the merge
 weights ``w_l`` and the dense maps applied after pooling, and :func:`folded_pooler_post` applies those
 maps, so that ``folded_pooler_post(query_pool_folded_reference(...))`` equals the pooler exactly (in exact
-arithmetic; tests check it to fp64 rounding). The algebra is derived in DESIGN.md, "The fused ops", 1.
+arithmetic; tests check it to fp64 rounding). The algebra is derived in docs/design.md, "Fused pooling".
 """
 from __future__ import annotations
 
