@@ -92,7 +92,7 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
                     obs = task.reset(seed)
                     if warmup_ms is None:  # compile / first-call costs stay out of the latency
                         t0 = time.perf_counter()
-                        policy(_zero_images(obs) if blind else obs)
+                        _query(policy, _zero_images(obs) if blind else obs)
                         warmup_ms = (time.perf_counter() - t0) * 1000.0
                         if hasattr(policy, "reset"):
                             policy.reset()
