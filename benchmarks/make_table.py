@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lwam._atomic import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 BEGIN = "<!-- gpu-results:begin -->"
 END = "<!-- gpu-results:end -->"
@@ -21,7 +23,7 @@ END = "<!-- gpu-results:end -->"
 _FIRST = ("case", "side", "mode", "shape_name", "shape", "dtype", "factor", "median_s", "median_ms",
           "samples_per_s", "GB/s", "speedup_vs_reference", "fraction_of_copy_bandwidth",
           "peak_memory_bytes", "peak_bytes", "memory_vs_reference")
-_SKIP = {"flags", "loss_check", "peak_memory_kind", "bytes", "min_ms", "max_ms", "rounds", "weights"}
+_SKIP = {"flags", "impl", "loss_check", "peak_memory_kind", "bytes", "min_ms", "max_ms", "rounds", "weights"}
 
 
 def load_records(results: Path) -> list[dict[str, Any]]:
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.readme} is out of date: run python benchmarks/make_table.py", file=sys.stderr)
             return 1
         return 0
-    tmp = args.readme.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(args.readme)
+    atomic_write_text(args.readme, new)
     print(f"wrote {args.readme}")
     return 0
 

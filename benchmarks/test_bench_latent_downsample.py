@@ -9,18 +9,12 @@ With LWAM_BENCH_RECORD=1 a JSON record is written to benchmarks/results/.
 """
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
-import subprocess
-import time
-from pathlib import Path
 
+import _record as _rec
 import pytest
 import torch
 import torch.nn.functional as F
-from _record import results_dir
 
 from lwam.ops.latent_downsample import implementation, latent_downsample
 from lwam.reference.latent_downsample import latent_downsample as reference
@@ -104,38 +98,19 @@ def test_bench_latent_downsample(benchmark, shape, dtype, case):
     })
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _record():
     """With LWAM_BENCH_RECORD=1: one JSON record of this module's results under benchmarks/results/."""
     yield
-    if os.environ.get("LWAM_BENCH_RECORD", "") != "1" or not _RESULTS:
+    if not _rec.recording() or not _RESULTS:
         return
     by_key = {(r["shape"][0], r["dtype"], r["case"]): r for r in _RESULTS}
     for r in _RESULTS:  # fraction of copy bandwidth, where measured
         copy = by_key.get((r["shape"][0], r["dtype"], "copy"))
         if copy is not None:
             r["fraction_of_copy_bandwidth"] = r["GB/s"] / copy["GB/s"]
-    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else (platform.processor() or platform.machine())
-    record = {
-        "benchmark": "latent_downsample", "device": DEVICE, "device_name": device_name,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-        "commit": _commit(), "implementation": implementation(DEVICE),
-        "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "results": _RESULTS,
-        "median_GB/s_by_case": {c: statistics.median(r["GB/s"] for r in _RESULTS if r["case"] == c)
-                                for c in {r["case"] for r in _RESULTS}},
-    }
-    out_dir = results_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"latent_downsample-{DEVICE}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    path = _rec.write_record("latent_downsample", DEVICE, _RESULTS, implementation=implementation(DEVICE),
+                             **{"median_GB/s_by_case": {c: statistics.median(r["GB/s"] for r in _RESULTS if r["case"] == c)
+                                                        for c in {r["case"] for r in _RESULTS}}})
+    if path is not None:
+        print(f"record: {path}")

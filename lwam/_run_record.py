@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from lwam.data.lerobot import atomic_write_json
+from lwam._atomic import atomic_write_json
 from lwam.errors import StaleStateError
 
 RUN_FILE = "run.json"

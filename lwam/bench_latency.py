@@ -19,41 +19,17 @@ Measures, for batch ``B`` at the preset's image size:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from lwam._atomic import atomic_write_text
+from lwam._env import environment
+
 INSTRUCTION = "put the bowl on the plate"
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, "triton": _version("triton"),
-            "cuda": torch.version.cuda, "python": platform.python_version(), "commit": _git_commit(),
-            "threads": torch.get_num_threads()}
 
 
 def _nvml_used(device: torch.device) -> int | None:
@@ -217,7 +193,7 @@ def run_latency(preset: str | None = None, checkpoint: str | None = None, device
         "image_hw": [h, w], "tokens": cfg.action_tokens(), "context_tokens": cfg.context_tokens(),
         "chunk_size": cfg.chunk_size, "dtype": str(dtype).replace("torch.", ""),
         "weights": f"checkpoint {checkpoint}" if checkpoint else "random weights (timing only)",
-        "iters": iters, "warmup": warmup,
+        "iters": iters, "warmup": warmup, "eager_impl": model.impl.to_dict(),
     }
 
     # --- Policy first, alone on the device ---------------------------------------------------------
@@ -309,9 +285,7 @@ def _cmd_bench_latency(args: argparse.Namespace) -> int:
                       stages=not args.no_stages, threads=args.threads)
     text = json.dumps(rec, indent=2, default=str)
     if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
+        atomic_write_text(args.out, text + "\n")
     print(text if args.json else format_record(rec))
     return 0
 

@@ -153,7 +153,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-_TRAIN_DEFAULTS = {"preset": "tiny", "window_stride": 1, "seed": 0, "skip_nonfinite": 0}
+_TRAIN_DEFAULTS = {"preset": "tiny", "window_stride": 1, "seed": 0, "skip_nonfinite": 0, "impl": "fast"}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -175,7 +175,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise FileExistsError(f"--out {out}: holds checkpoints but no run record ({rr.RUN_FILE}); "
                                   f"{rr.FRESH_HINT}")
         given = {k: getattr(args, k) for k in ("preset", "dataset", "vae", "dit", "text_cache", "steps",
-                                               "batch_size", "lr", "window_stride", "seed", "skip_nonfinite")}
+                                               "batch_size", "lr", "window_stride", "seed", "skip_nonfinite",
+                                               "impl")}
         s = rr.merge_settings(out, record, given, _TRAIN_DEFAULTS)
         for key, check in (("dataset", dataset_dir), ("vae", existing_file), ("dit", existing_file),
                            ("text_cache", existing_file)):
@@ -201,14 +202,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             rr.write_record(out, s, digests)
         res, model, stats = _train(args, out, s)
         path = save_checkpoint(model, out / "final", stats=stats)
-    print(json.dumps({"checkpoint": str(path), **res}, indent=2, default=str))
+    print(json.dumps({"checkpoint": str(path), "impl": model.impl.to_dict(), **res}, indent=2, default=str))
     return 0
 
 
 def _train(args: argparse.Namespace, out: Path, s: dict | None):
     import torch
 
-    from lwam.config import get_preset
+    from lwam.config import ImplConfig, get_preset
     from lwam.model.lightwam import LightWAM
     from lwam.pipeline import cache_latents_stage, make_windows
     from lwam.train import Trainer
@@ -220,6 +221,8 @@ def _train(args: argparse.Namespace, out: Path, s: dict | None):
     cfg = get_preset(s["preset"])
     over = {k: v for k, v in (("train.max_steps", s.get("steps")), ("train.batch_size", s.get("batch_size")),
                               ("train.lr", s.get("lr")), ("train.seed", s.get("seed"))) if v is not None}
+    if s.get("text_cache"):  # the run's text contexts come from this file, not from an encoder
+        over["text.encoder"] = "cache"
     cfg = cfg.replace(**over)
     cfg.validate()
     windows, stats = make_windows(s["dataset"], cfg, window_stride=s["window_stride"], progress=not args.no_progress)
@@ -238,14 +241,21 @@ def _train(args: argparse.Namespace, out: Path, s: dict | None):
     if s.get("dit"):
         from lwam.model.weights import load_wan_dit
         load_wan_dit(model.dit, s["dit"])
+    instructions = list(windows.dataset.tasks)
     if s.get("text_cache"):
-        from lwam.data.cache import TextCache
-        cache = TextCache.load(s["text_cache"])
-        for instruction in cache.instructions:
-            model.text.add(instruction, cache[instruction][0])
+        from lwam.model.text import TextContextCache
+
+        cache = TextContextCache.load(s["text_cache"], cfg.text)
+        missing = [t for t in instructions if t not in cache]
+        if missing:
+            raise ValueError(f"--text-cache {s['text_cache']}: no context for the dataset's instructions "
+                             f"{missing[:3]} ({len(missing)} of {len(instructions)} missing)")
+        model.text.update(cache.subset(instructions))
+    else:
+        model.text.get(instructions)  # encode once, so that the checkpoints carry every training instruction
     train_set = cache_latents_stage(model, windows, out / "latents.npy", progress=not args.no_progress)
-    trainer = Trainer(model, train_set, out, stats=stats, progress=not args.no_progress,
-                      max_nonfinite_skips=s["skip_nonfinite"])
+    trainer = Trainer(model, train_set, out, impl=ImplConfig.named(s["impl"]), stats=stats,
+                      progress=not args.no_progress, max_nonfinite_skips=s["skip_nonfinite"])
     return trainer.train(), model, stats
 
 
@@ -392,8 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="VAE weights: vae.safetensors from `lwam train vae`, or Wan2.1_VAE.pth (required for a new run)")
     tr.add_argument("--dit", type=existing_file, help="Wan2.1 DiT diffusion_pytorch_model.safetensors (paper preset)")
     tr.add_argument("--text-cache", type=existing_file,
-                    help="text contexts of the dataset's instructions (safetensors, lwam.data.cache.build_text_cache); "
-                         "presets with a built-in encoder need none")
+                    help="text contexts of the dataset's instructions (a TextContextCache file, "
+                         "lwam.model.text.build_text_cache); every checkpoint carries them; presets with a "
+                         "built-in encoder need none")
+    tr.add_argument("--impl", choices=["fast", "reference"],
+                    help="how the training step computes (lwam.config.ImplConfig): the fast implementation "
+                         "(default) or the published arithmetic; recorded in every checkpoint (impl.json)")
     tr.add_argument("--steps", type=positive_int, help="optimiser steps (default: the preset's)")
     tr.add_argument("--batch-size", type=positive_int, help="global batch size (default: the preset's)")
     tr.add_argument("--lr", type=positive_float, help="peak learning rate (default: the preset's)")

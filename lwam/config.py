@@ -73,14 +73,13 @@ class AdapterConfig:
 
 @dataclass
 class ActionExpertConfig:
-    """StateFusionActionExpert sizes. ``fused_pooling`` selects the fused learned-query pooling op."""
+    """StateFusionActionExpert sizes (which pooling arithmetic runs is :class:`ImplConfig`'s)."""
 
     num_queries: int = 16
     num_heads: int = 8
     compress_dim: int = 4608
     hidden_dim: int = 6144
     step_embed_dim: int = 256
-    fused_pooling: bool = True
 
 
 @dataclass
@@ -184,6 +183,82 @@ def _validate_train(t: "TrainConfig") -> None:
             raise ValueError(f"train.{name}: expected a finite number >= 0, got {v!r}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ValueError(f"train.min_lr_ratio: expected a number in [0, 1], got {t.min_lr_ratio!r}")
+
+
+ATTENTION_IMPLS = ("split", "masked")
+ROPE_IMPLS = ("real", "complex")
+
+
+@dataclass(frozen=True)
+class ImplConfig:
+    """How the model computes (never *what*): the one switchboard between the published implementation's
+    arithmetic and the fast one. Every field keeps the same weights, state-dict keys and result (up to
+    summation order and fp32 rounding; tests/test_fast_step.py checks loss and every gradient).
+
+    ``attention``: "masked" (one SDPA with a boolean first-frame-causal mask, as published) or "split"
+    (two mask-free attentions through ``lwam.model.attention.dense_attention``: flash-attn, xFormers or
+    SDPA). ``rope``: "complex" (complex128 tables and products, as published) or "real" (fp32 cos/sin
+    pairs). ``rope_cache``: keep the RoPE tables per (rope, grid, device). ``fused_pooling``: the SFAE's
+    learned-query pooling through the fused ``lwam::query_pool`` op (all tapped layers, one launch).
+    ``fused_downsample``: the video branch's 2x2 mean through ``lwam::latent_downsample`` instead of
+    ``F.avg_pool3d``. ``compile_blocks``: ``torch.compile(dynamic=False)`` of every DiT block (in place,
+    state-dict keys unchanged).
+
+    Read by the modules through ``LightWAM.set_impl`` (the one place that sets them), recorded in
+    checkpoints (``impl.json``) and benchmark records. ``ImplConfig.reference()`` and ``ImplConfig.fast()``
+    are the two named values; the default instance is the fast arithmetic kept eager (no compile).
+    """
+
+    attention: str = "split"
+    rope: str = "real"
+    rope_cache: bool = True
+    fused_pooling: bool = True
+    fused_downsample: bool = True
+    compile_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"ImplConfig.attention: expected one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.rope not in ROPE_IMPLS:
+            raise ValueError(f"ImplConfig.rope: expected one of {ROPE_IMPLS}, got {self.rope!r}")
+        for f in dataclasses.fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"ImplConfig.{f.name}: expected a bool, got {getattr(self, f.name)!r}")
+
+    @classmethod
+    def reference(cls) -> "ImplConfig":
+        """The published implementation's way: masked attention, complex128 RoPE rebuilt every forward,
+        the plain per-layer pooler, ``F.avg_pool3d``, everything eager."""
+        return cls(attention="masked", rope="complex", rope_cache=False, fused_pooling=False,
+                   fused_downsample=False, compile_blocks=False)
+
+    @classmethod
+    def fast(cls, **changes: Any) -> "ImplConfig":
+        """Every fast change on, compiled blocks included (``changes`` override single fields)."""
+        return dataclasses.replace(cls(compile_blocks=True), **changes)
+
+    @classmethod
+    def named(cls, name: str) -> "ImplConfig":
+        """"reference" or "fast"."""
+        if name not in IMPLS:
+            raise ValueError(f"impl: expected one of {sorted(IMPLS)}, got {name!r}")
+        return IMPLS[name]()
+
+    def replace(self, **changes: Any) -> "ImplConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImplConfig":
+        return _from_dict(cls, d)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.to_dict().items())
+
+
+IMPLS = {"reference": ImplConfig.reference, "fast": ImplConfig.fast}
 
 
 @dataclass
@@ -308,10 +383,16 @@ def set_by_path(obj: Any, path: str, value: Any) -> None:
     setattr(obj, parts[-1], value)
 
 
+# Fields that older checkpoints' config.json hold and that moved elsewhere (ignored when read).
+_MOVED_FIELDS = {("ActionExpertConfig", "fused_pooling")}  # -> ImplConfig.fused_pooling
+
+
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     kwargs = {}
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in d.items():
+        if (cls.__name__, key) in _MOVED_FIELDS:
+            continue
         if key not in names:
             raise KeyError(f"unknown config field {key!r} for {cls.__name__}")
         f = names[key]

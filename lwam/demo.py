@@ -8,8 +8,6 @@ stage times).
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
 import os
 import time
 from contextlib import contextmanager
@@ -19,6 +17,8 @@ from typing import Any
 
 import torch
 
+from lwam._atomic import atomic_write_json
+from lwam._env import environment
 from lwam._logging import logger
 from lwam.config import get_preset
 
@@ -179,14 +179,10 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
         "figures": {"loss": str(out / "train" / "loss.png"), "future_frames": str(frames_png),
                     "success": str(out / "success.png"), "stage_times": str(out / "stage_times.png")},
         "config": dataclasses.asdict(dcfg),
-        "device": device if device != "cuda" else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **environment(device),
+        "impl": trainer.impl.to_dict(),
     }
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(out / "report.json")
+    atomic_write_json(out / "report.json", report)
     return report
 
 

@@ -4,24 +4,28 @@ One action query (docs/model.md, "Inference"): VAE-encode the current composed f
 proprio token -> one backbone pass at t = 0 up to the last tapped layer -> StateFusionActionExpert ->
 normalised actions [B, H, A] -> de-normalise.
 
-:class:`Policy` builds a lean copy of a :class:`~lwam.model.lightwam.LightWAM` and applies exact
-transformations, each switchable and each checked against the eager ``LightWAM.predict_actions`` with the
-same weights (tests/test_inference.py):
+:class:`Policy` chooses among the model's own exact transformations (the model owns them; this module
+only chooses, copies, compiles and captures), each switchable and each checked against the eager
+``LightWAM.predict_actions`` with the same weights (tests/test_inference.py):
 
-* ``merge_lora``: every LoRA pair is folded into its frozen linear (``W + scale * up @ down``, in fp32)
-  and removed, so a LoRA target costs one GEMM;
-* ``truncate``: blocks after the last tapped layer are deleted (they cannot change the action); with
-  ``truncate=False`` the policy keeps and runs the whole backbone, as the published implementation does;
-* ``fold_pooling``: the folded learned-query pooling matrices (docs/design.md, "Fused pooling") are computed
-  once, in fp32, from the frozen pooler weights (``lwam.modules.query_pool.fold_for_inference``); every
-  query runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps
-  after it, with no per-call parameter algebra;
-* ``single_frame_vae``: the current frame is one video frame, and every causal 3D convolution of the VAE
-  encoder sees it behind zero padding only, so each one is replaced by the 2D convolution with its last
-  temporal kernel slice (a third of the encoder FLOPs for 3x3x3 kernels; exact up to summation order);
-* text context cached per instruction: the embedded text tokens ``text_embedding(ctx)`` [Lt, D] are
-  computed once per instruction (the embedding MLP is per token); only the proprio token is embedded per
-  query. The t = 0 time modulation and the RoPE tables are constants computed once.
+* ``merge_lora`` (``DiTBlock.merge_lora_``): every LoRA pair is folded into its frozen linear
+  (``W + scale * up @ down``, in fp32) and removed, so a LoRA target costs one GEMM;
+* ``truncate`` (``WanDiT.action_copy``): the blocks after the last tapped layer and the video head are not
+  copied (they cannot change the action); with ``truncate=False`` the policy keeps and runs the whole
+  backbone, as the published implementation does. Both run ``WanDiT.run_blocks``, the model's loop;
+* ``fold_pooling`` (``StateFusionActionExpert.inference_copy``): the folded learned-query pooling matrices
+  (docs/design.md, "Fused pooling") are computed once, in fp32, from the frozen pooler weights; every query
+  runs the fused ``lwam::query_pool`` op (all tapped layers in one launch) plus the small dense maps after
+  it, with no per-call parameter algebra;
+* ``single_frame_vae`` (``WanVAE.frame_encoder``): the current frame is one video frame, and every causal
+  3D convolution of the VAE encoder sees it behind zero padding only, so each one is replaced by the 2D
+  convolution with its last temporal kernel slice (a third of the encoder FLOPs for 3x3x3 kernels; exact
+  up to summation order);
+* text context cached per instruction (``LightWAM.context_from_embedded``): the embedded text tokens
+  [Lt, D] are computed once per instruction (the embedding MLP is per token); only the proprio token is
+  embedded per query. The t = 0 time modulation and the RoPE tables are constants computed once. The
+  raw contexts come from the checkpoint's ``text.safetensors`` (a :class:`~lwam.model.text.TextContextCache`),
+  ``text_cache=`` or the config's text encoder.
 
 Then: weights in ``dtype`` (bf16 on CUDA by default), static input/output buffers per input shape,
 ``torch.compile`` of the whole observation -> action path (VAE encode included) and, on CUDA, capture of
@@ -52,11 +56,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lwam._logging import log_once
 from lwam.config import LightWAMConfig
+from lwam.model.lightwam import context_from_embedded, embed_text
+from lwam.model.text import TextContextCache
 
 __all__ = ["Policy", "InferenceOptions", "UnknownInstructionError", "prepare_images"]
 
@@ -70,7 +75,9 @@ class UnknownInstructionError(ValueError, KeyError):
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """Which exact transformations and which execution mode a :class:`Policy` uses."""
+    """Which of the model's exact transformations and which execution mode a :class:`Policy` uses. How
+    the copied modules compute (attention, RoPE) is the source model's :class:`~lwam.config.ImplConfig`;
+    with ``fold_pooling`` the pooling always runs the folded fused op."""
 
     merge_lora: bool = True
     truncate: bool = True
@@ -83,119 +90,8 @@ class InferenceOptions:
 
 
 # ------------------------------------------------------------------------------------------------
-# exact transformations
+# the transformed path (the model's own exact transformations, chosen here)
 # ------------------------------------------------------------------------------------------------
-def _copy_module(module: nn.Module, drop: Sequence[str] = (), replace: Mapping[str, nn.Module] | None = None
-                 ) -> nn.Module:
-    """Deep copy of ``module`` without the child modules named in ``drop`` (set to None in the copy) and
-    with ``replace[name]`` (deep-copied) instead of those children. The source is not modified and the
-    dropped children are never copied."""
-    shallow = copy.copy(module)
-    shallow._modules = {k: v for k, v in module._modules.items() if k not in drop}
-    for k, v in (replace or {}).items():
-        shallow._modules[k] = v
-    shallow._parameters = dict(module._parameters)
-    shallow._buffers = dict(module._buffers)
-    out = copy.deepcopy(shallow)
-    for k in drop:
-        out._modules[k] = None
-    return out
-
-
-_LORA_PAIRS = (
-    ("self_attn", "lora_q", "q"), ("self_attn", "lora_k", "k"), ("self_attn", "lora_v", "v"),
-    ("self_attn", "lora_o", "o"), ("cross_attn", "lora_q", "q"), ("cross_attn", "lora_k", "k"),
-    ("cross_attn", "lora_v", "v"), ("cross_attn", "lora_o", "o"),
-)
-
-
-@torch.no_grad()
-def merge_block_lora_(block: nn.Module) -> int:
-    """Fold every LoRA of a :class:`~lwam.model.dit.DiTBlock` into its frozen linear (fp32 math) and
-    delete the LoRA modules. Returns the number merged."""
-    from lwam.model.lora import merge_lora_
-
-    n = 0
-    for parent_name, lora_name, lin_name in _LORA_PAIRS:
-        parent = getattr(block, parent_name)
-        lora = getattr(parent, lora_name, None)
-        if lora is not None:
-            merge_lora_(getattr(parent, lin_name), lora)
-            delattr(parent, lora_name)
-            n += 1
-    for lora_name, idx in (("ffn_lora_in", 0), ("ffn_lora_out", 2)):
-        lora = getattr(block, lora_name, None)
-        if lora is not None:
-            merge_lora_(block.ffn[idx], lora)
-            delattr(block, lora_name)
-            n += 1
-    return n
-
-
-class FrameConv2d(nn.Module):
-    """A :class:`~lwam.model.vae.CausalConv3d` applied to a single frame [B, C, 1, H, W].
-
-    Causal padding puts ``time_pad`` zero frames before the only real frame, so only the last temporal
-    slice of the kernel touches data: the result is a 2D convolution with ``weight[:, :, -1]`` (same
-    spatial padding and stride). ``forward(x [B, C, 1, H, W], cache=None) -> [B, C', 1, H', W']``.
-    """
-
-    def __init__(self, conv: nn.Conv3d):
-        super().__init__()
-        kt = conv.kernel_size[0]
-        if conv.time_pad != kt - 1 or conv.stride[0] != 1 or conv.dilation[0] != 1:
-            raise ValueError(f"FrameConv2d: unsupported causal conv (kernel {conv.kernel_size}, "
-                             f"time_pad {conv.time_pad}, stride {conv.stride})")
-        self.weight = nn.Parameter(conv.weight.detach()[:, :, -1].clone(), requires_grad=False)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self.space_pad = tuple(conv.space_pad)
-        self.stride = tuple(conv.stride[1:])
-
-    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        y = x[:, :, 0]
-        if any(self.space_pad):
-            y = F.pad(y, self.space_pad)
-        return F.conv2d(y, self.weight, self.bias, stride=self.stride)[:, :, None]
-
-
-def single_frame_encoder_(module: nn.Module) -> int:
-    """Replace every causal 3D conv under ``module`` by :class:`FrameConv2d` in place (single-frame use
-    only: temporal downsamplers keep a lone frame as is). Returns the number replaced."""
-    from lwam.model.vae import CausalConv3d
-
-    n = 0
-    for name, child in list(module.named_children()):
-        if name == "time_conv":  # temporal resampling never runs on a lone frame
-            continue
-        if isinstance(child, CausalConv3d):
-            setattr(module, name, FrameConv2d(child))
-            n += 1
-        else:
-            n += single_frame_encoder_(child)
-    return n
-
-
-class _VAEEncoder(nn.Module):
-    """The encoder half of the Wan VAE: ``frame [B, 3, 1, H, W] in [-1, 1] -> z [B, C, 1, H/s, W/s]`` fp32
-    (normalised posterior mean, as ``WanVAE.encode``)."""
-
-    def __init__(self, vae: nn.Module, single_frame: bool):
-        super().__init__()
-        self.encoder = copy.deepcopy(vae.encoder)
-        self.conv1 = copy.deepcopy(vae.conv1)
-        self.register_buffer("latent_mean", vae.latent_mean.detach().clone().float(), persistent=False)
-        self.register_buffer("latent_std", vae.latent_std.detach().clone().float(), persistent=False)
-        if single_frame:
-            single_frame_encoder_(self.encoder)
-            self.conv1 = FrameConv2d(self.conv1)
-
-    def forward(self, frame: torch.Tensor) -> torch.Tensor:
-        x = frame.to(self.conv1.weight.dtype)
-        mean = self.conv1(self.encoder(x))[:, : self.latent_mean.shape[0]]
-        view = (1, -1, 1, 1, 1)
-        return ((mean - self.latent_mean.view(view).to(mean.dtype)) / self.latent_std.view(view).to(mean.dtype)).float()
-
-
 class FastActionPath(nn.Module):
     """The transformed observation -> normalised-action path (an ``nn.Module`` that ``torch.compile`` and
     CUDA graphs wrap as one function).
@@ -211,31 +107,20 @@ class FastActionPath(nn.Module):
         cfg: LightWAMConfig = model.cfg
         self.cfg = cfg
         self.options = options
-        taps = tuple(cfg.tap_layers)
-        self.taps = taps
-        dit = model.dit
-        keep = max(taps) + 1 if options.truncate else len(dit.blocks)
-        blocks = nn.ModuleList(list(dit.blocks)[:keep])
-        self.dit = _copy_module(dit, drop=("head",), replace={"blocks": blocks})
-        if options.merge_lora:
-            for blk in self.dit.blocks:
-                merge_block_lora_(blk)
+        self.taps = tuple(cfg.tap_layers)
         if model.vae is None:
             raise ValueError("model: the Policy needs a LightWAM built with its VAE (build_vae=True)")
-        self.vae = _VAEEncoder(model.vae, options.single_frame_vae)
+        # Each copy is made by the model's own transformation (see WanDiT.action_copy, WanVAE.frame_encoder,
+        # StateFusionActionExpert.inference_copy); the source model is not modified.
+        self.dit = model.dit.action_copy(last=max(self.taps) if options.truncate else None,
+                                         merge_lora=options.merge_lora)
+        self.vae = model.vae.frame_encoder(single_frame=options.single_frame_vae)
         self.proprio_encoder = copy.deepcopy(model.proprio_encoder)
-        expert = model.expert
+        self.expert, folded = model.expert.inference_copy(fold_pooling=options.fold_pooling)
+        # The folded matrices stay fp32 (kept out of the module tree until finalize(), so that the
+        # dtype cast of the weights does not round them).
         self.folded_pooling = None
-        self._pending_fold: list[nn.Module] = []
-        if options.fold_pooling:
-            from lwam.modules.query_pool import fold_for_inference
-
-            # Folded once, in fp32, from the frozen pooler weights; kept out of the module tree until
-            # finalize() so that the dtype cast of the weights does not round these matrices.
-            self._pending_fold = [fold_for_inference(expert.poolers)]
-            self.expert = _copy_module(expert, drop=("layer_poolers",))
-        else:
-            self.expert = copy.deepcopy(expert)
+        self._pending_fold = [] if folded is None else [folded]
         self.requires_grad_(False)
         self.eval()
 
@@ -265,25 +150,17 @@ class FastActionPath(nn.Module):
 
     def embed_text(self, text_context: torch.Tensor) -> torch.Tensor:
         """raw text context [..., Lt, text_dim] -> embedded tokens [..., Lt, D] (param dtype)."""
-        return self.dit.text_embedding(text_context.to(self.dtype))
+        return embed_text(self.dit, text_context)
 
     def context(self, text: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         """embedded text [B, Lt, D] + normalised proprio [B, P] -> context [B, Lt + 1, D]."""
-        tok = self.proprio_encoder(proprio.to(self.proprio_encoder.weight.dtype))[:, None]
-        return torch.cat([text, self.dit.text_embedding(tok.to(self.dtype))], dim=1)
+        return context_from_embedded(self.dit, self.proprio_encoder, text, proprio)
 
     def backbone(self, z: torch.Tensor, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> list[torch.Tensor]:
         """z [B, C, 1, h, w], ctx [B, Lc, D] -> adapted states of the tapped layers, L x [B, S, D]."""
         x, grid = self.dit.patchify(z)
-        n0 = grid[1] * grid[2]
-        tapped = []
-        for i, block in enumerate(self.dit.blocks):
-            x = block(x, self.e6, ctx, cos, sin, n0)
-            if str(i) in self.dit.wam_adapters:
-                x = self.dit.wam_adapters[str(i)](x)
-            if i in self.taps:
-                tapped.append(x)
+        _, tapped = self.dit.run_blocks(x, self.e6, ctx, cos, sin, grid[1] * grid[2], self.taps, max(self.taps))
         return tapped
 
     def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -354,23 +231,20 @@ def _make_normalizer(stats: Any, cfg: LightWAMConfig):
     raise TypeError(f"stats: expected a Normalizer or a stats dict, got {type(stats).__name__}")
 
 
-def _load_text_cache(text_cache: Any) -> dict[str, torch.Tensor]:
-    """A mapping instruction -> [Lt, text_dim], or a .safetensors / .pt file holding one."""
+def _text_cache(text_cache: Any, cfg: LightWAMConfig) -> TextContextCache:
+    """A :class:`TextContextCache`, its file (``TextContextCache.save`` / ``build_text_cache``), a mapping
+    instruction -> context [Lt, text_dim], or None (empty)."""
+    if isinstance(text_cache, TextContextCache):
+        return text_cache
+    out = TextContextCache(cfg.text)
     if text_cache is None:
-        return {}
+        return out
     if isinstance(text_cache, Mapping):
-        return dict(text_cache)
-    path = Path(text_cache)
-    if not path.is_file():
-        raise FileNotFoundError(f"text cache not found: {path}")
-    from lwam._safe_load import read_safetensors, torch_load_plain
-
-    if path.suffix == ".safetensors":
-        return read_safetensors(path, "text cache")
-    data = torch_load_plain(path, "text cache")
-    if not isinstance(data, Mapping):
-        raise ValueError(f"text cache {path}: expected a dict instruction -> tensor, got {type(data).__name__}")
-    return dict(data)
+        out.update(text_cache)
+        return out
+    if isinstance(text_cache, (str, os.PathLike)):
+        return TextContextCache.load(text_cache, cfg.text)
+    raise TypeError(f"text_cache: expected a TextContextCache, its file or a mapping, got {type(text_cache).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,11 +361,9 @@ class Policy:
         self.cfg = cfg
         self.options = options
         self.normalizer = normalizer
-        self.text_encoder = text_encoder
-        self._raw_text: dict[str, torch.Tensor] = {}
-        self._text_emb: dict[str, torch.Tensor] = {}
-        for k, v in (text_contexts or {}).items():
-            self.add_instruction(k, v)
+        self.text = TextContextCache(cfg.text, text_encoder)  # raw contexts [Lt, text_dim], CPU
+        self.text.update(_text_cache(text_contexts, cfg))
+        self._text_emb: dict[str, torch.Tensor] = {}  # embedded [Lt, D] on the device, per instruction
         self._runners: dict[tuple[int, int, int], _Runner] = {}
         self._pool = None
         if normalizer is None:
@@ -551,17 +423,16 @@ class Policy:
                                 compile_mode=compile_mode, compile_backend=compile_backend)
         fast = FastActionPath(model, opts).to(device=dev, dtype=dtype)
         fast.finalize()
-        text = getattr(model, "text", None)
-        contexts = text.state() if text is not None else {}
-        encoder = text.encoder if text is not None else None
-        return cls(fast, cfg, opts, _make_normalizer(stats, cfg), contexts, encoder)
+        return cls(fast, cfg, opts, _make_normalizer(stats, cfg), model.text, model.text.encoder)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, **kwargs: Any) -> "Policy":
-        """From our checkpoint directory (config.json + model.safetensors [+ stats.json]), or from a
-        published Light-WAM ``.pt`` with ``Wan2.1_VAE.pth`` in the same directory (see :meth:`from_release`;
-        pass ``vae_path``/``text_cache``/``stats``/``cfg`` through ``kwargs``)."""
+        """From our checkpoint directory (config.json + model.safetensors [+ text.safetensors, the text
+        contexts of its training instructions, + stats.json]), or from a published Light-WAM ``.pt`` with
+        ``Wan2.1_VAE.pth`` in the same directory (see :meth:`from_release`; pass
+        ``vae_path``/``text_cache``/``stats``/``cfg`` through ``kwargs``). ``text_cache`` (a
+        :class:`~lwam.model.text.TextContextCache`, its file or a mapping) adds instructions."""
         from lwam.validate import check_device
 
         if device is not None:
@@ -574,9 +445,7 @@ class Policy:
 
         model, stats = load_checkpoint(p)
         stats = kwargs.pop("stats", None) or stats
-        text_cache = _load_text_cache(kwargs.pop("text_cache", None))
-        for k, v in text_cache.items():
-            model.text.add(k, v)
+        model.text.update(_text_cache(kwargs.pop("text_cache", None), model.cfg))
         return cls.from_model(model, stats, device=device, dtype=dtype, **kwargs)
 
     @classmethod
@@ -584,7 +453,8 @@ class Policy:
                      stats: Any = None, cfg: LightWAMConfig | None = None, device: str | torch.device | None = None,
                      dtype: torch.dtype | None = None, **kwargs: Any) -> "Policy":
         """From a published Light-WAM ``.pt`` (DiT incl. frozen weights, SFAE, proprio encoder) and the
-        Wan2.1 VAE file. ``text_cache``: instruction -> umT5 context [128, 4096] (mapping or file);
+        Wan2.1 VAE file. ``text_cache``: instruction -> umT5 context [128, 4096] (a TextContextCache, its
+        file or a mapping);
         ``stats``: the dataset's normalisation statistics; ``cfg``: default the paper preset (LIBERO)."""
         from lwam.config import get_preset
         from lwam.model.lightwam import LightWAM
@@ -596,35 +466,26 @@ class Policy:
         model = LightWAM(cfg)
         load_lightwam_release(model, release_pt)
         model.vae.load_pretrained(vae_path)
-        for k, v in _load_text_cache(text_cache).items():
-            model.text.add(k, v)
+        model.text.update(_text_cache(text_cache, cfg))
         return cls.from_model(model, stats, device=device, dtype=dtype, **kwargs)
 
     # --- text ------------------------------------------------------------------------------------
     def add_instruction(self, instruction: str, text_context: torch.Tensor) -> None:
         """Register the raw text context [Lt, text_dim] of ``instruction`` (e.g. from a umT5 cache)."""
-        t = self.cfg.text
-        if tuple(text_context.shape) != (t.max_tokens, t.dim):
-            raise ValueError(f"text_context for {instruction!r}: expected [{t.max_tokens}, {t.dim}], "
-                             f"got {tuple(text_context.shape)}")
-        self._raw_text[instruction] = text_context.detach().float().cpu()
+        self.text.add(instruction, text_context)
         self._text_emb.pop(instruction, None)
 
     def _resolve_text(self, instructions: Sequence[str]) -> None:
         """Make sure every instruction has a raw context (encoding missing ones if an encoder exists)."""
-        missing = [s for s in dict.fromkeys(instructions) if s not in self._raw_text]
+        missing = [s for s in dict.fromkeys(instructions) if s not in self.text]
         if not missing:
             return
-        if self.text_encoder is None:
+        if self.text.encoder is None:
             raise UnknownInstructionError(
                 f"instruction: no cached text context for {missing[:3]} and no text encoder configured "
                 f"(text.encoder={self.cfg.text.encoder!r}); add it with Policy.add_instruction() or pass "
                 f"text_cache=")
-        from lwam.model.text import format_prompt
-
-        ctx = self.text_encoder([format_prompt(self.cfg.text, s) for s in missing])
-        for s, c in zip(missing, ctx):
-            self.add_instruction(s, c)
+        self.text.encode(missing)
 
     @torch.no_grad()
     def text_embedding(self, instruction: str) -> torch.Tensor:
@@ -632,7 +493,7 @@ class Policy:
         emb = self._text_emb.get(instruction)
         if emb is None:
             self._resolve_text([instruction])
-            emb = self.fast.embed_text(self._raw_text[instruction].to(self.fast.device))
+            emb = self.fast.embed_text(self.text.get([instruction])[0].to(self.fast.device))
             self._text_emb[instruction] = emb
         return emb
 
@@ -775,11 +636,16 @@ class Policy:
 
     @property
     def instructions(self) -> list[str]:
-        """The instructions with a cached text context (any other needs ``text_encoder``)."""
-        return sorted(self._raw_text)
+        """The instructions with a cached text context (any other needs the config's text encoder)."""
+        return sorted(self.text.instructions)
+
+    @property
+    def text_encoder(self):
+        """The config's text encoder (None: only cached instructions are answered)."""
+        return self.text.encoder
 
     def can_answer(self, instruction: str) -> bool:
-        return instruction in self._raw_text or self.text_encoder is not None
+        return instruction in self.text or self.text.encoder is not None
 
     def observation_spec(self) -> dict[str, dict[str, Any]]:
         """``{key: {"shape", "dtype"}}`` of every array of an observation (see lwam.observation)."""

@@ -1,4 +1,5 @@
-"""Trainer: AdamW + warm-up/cosine schedule, grad clipping, accumulation, bf16 autocast on CUDA,
+"""Trainer: the implementation config it computes with (:class:`~lwam.config.ImplConfig`: ``lwam train``
+runs the fast one, ``--impl reference`` the published arithmetic), AdamW + warm-up/cosine schedule, grad clipping, accumulation, bf16 autocast on CUDA,
 atomic checkpoints with full resume, JSON-lines metrics, a loss plot, and data parallelism through
 torch.distributed (DDP, or FSDP2 with ``fsdp=True``) when launched by torchrun.
 
@@ -12,6 +13,10 @@ lifetime, so a second process training into the same directory is refused.
 Determinism: the batch of global step k is a fixed function of (seed, k) (a per-epoch permutation), and
 the video branch's noise of sample i in step k is drawn from a generator seeded by (seed, k). So a resumed
 run, or the same global batch split over several ranks, sees exactly the same data and noise.
+
+Host syncs: a step leaves its metrics on the device (0-dim tensors); :meth:`Trainer.train` reads their
+values once per ``log_every`` steps, so logging never drains the GPU queue. The divergence check above
+costs one sync of a single bool per step (every metric finite?), before the optimiser step.
 """
 from __future__ import annotations
 
@@ -31,27 +36,21 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from lwam import _lock
-from lwam._atomic import atomic_path
+from lwam._atomic import atomic_path, atomic_write_bytes
 from lwam._logging import logger
+from lwam.checkpoint import load_trainer_state, save_checkpoint
+from lwam.config import ImplConfig, TrainConfig, _validate_train
+from lwam.data.windows import collate_windows
 from lwam.errors import NonFiniteError, WeightFileError
-from lwam.checkpoint import atomic_write_bytes, load_trainer_state, save_checkpoint
-from lwam.config import TrainConfig, _validate_train
+from lwam.schedule import warmup_cosine
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up to 1, then cosine down to ``min_lr_ratio`` at ``max_steps``."""
-    warm, total, floor = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
+    """Linear warm-up to 1, then cosine down to ``min_lr_ratio`` at ``max_steps`` (:func:`warmup_cosine`)."""
+    return warmup_cosine(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
 
 
 def global_batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
@@ -65,25 +64,20 @@ def global_batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k in samples[0]:
-        vals = [s[k] for s in samples]
-        if isinstance(vals[0], torch.Tensor):
-            out[k] = torch.stack(vals)
-        elif isinstance(vals[0], (int, float, bool)):
-            out[k] = torch.tensor(vals)
-        else:
-            out[k] = vals
-    return out
-
-
-def first_nonfinite(metrics: dict[str, float]) -> tuple[str, float] | None:
-    """(name, value) of the first non-finite float in ``metrics`` (insertion order), or None."""
+def first_nonfinite(metrics: dict[str, Any]) -> tuple[str, float] | None:
+    """(name, value) of the first non-finite metric in ``metrics`` (floats or 0-dim tensors, insertion
+    order), or None. Reading a tensor syncs the host: call it only once something is known to be wrong."""
     for k, v in metrics.items():
-        if isinstance(v, float) and not math.isfinite(v):
-            return k, v
+        x = float(v) if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        if isinstance(x, float) and not math.isfinite(x):
+            return k, x
     return None
+
+
+def all_finite(metrics: dict[str, Any]) -> bool:
+    """Whether every tensor metric is finite: ONE host sync for all of them (a single bool crosses)."""
+    ts = [v.detach().float().reshape(()) for v in metrics.values() if isinstance(v, torch.Tensor)]
+    return True if not ts else bool(torch.isfinite(torch.stack(ts)).all())
 
 
 def _dist_info() -> tuple[int, int]:
@@ -97,12 +91,18 @@ class Trainer:
 
     ``dataset[i]`` -> {'latents' or 'video', 'instruction' or 'text_context', 'proprio', 'actions',
     'actions_is_pad'}. ``out_dir`` receives checkpoints/step_NNNNNNN/, metrics.jsonl and loss.png.
+
+    ``impl``: how the model computes (``ImplConfig.fast()``, ``ImplConfig.reference()``, their names, or
+    None to keep the model's current one); applied with ``model.set_impl`` and written into every
+    checkpoint (``impl.json``). ``on_step(step, metrics)`` gets the step's metrics as device tensors
+    (reading one syncs the host).
     """
 
     def __init__(self, model, dataset: Dataset, out_dir: str | os.PathLike, cfg: TrainConfig | None = None, *,
-                 stats: dict | None = None, device: str | torch.device | None = None, resume: bool = True,
-                 progress: bool = True, fsdp: bool = False,
-                 on_step: Callable[[int, dict[str, float]], None] | None = None, max_nonfinite_skips: int = 0):
+                 impl: ImplConfig | str | None = None, stats: dict | None = None,
+                 device: str | torch.device | None = None, resume: bool = True, progress: bool = True,
+                 fsdp: bool = False, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+                 max_nonfinite_skips: int = 0):
         self.cfg = cfg or model.cfg.train
         _validate_train(self.cfg)
         if max_nonfinite_skips < 0:
@@ -116,6 +116,11 @@ class Trainer:
         if len(dataset) == 0:
             raise ValueError("dataset is empty")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(impl, str):
+            impl = ImplConfig.named(impl)
+        if impl is not None:
+            model.set_impl(impl)
+        self.impl: ImplConfig = model.impl
         self.model = model.to(self.device)
         self.dataset = dataset
         self.out_dir = Path(out_dir)
@@ -238,7 +243,7 @@ class Trainer:
         idx = global_batch_indices(len(self.dataset), cfg.batch_size, step, cfg.seed)
         per_rank = cfg.batch_size // self.world
         mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
-        batch = collate([self.dataset[i] for i in mine])
+        batch = collate_windows([self.dataset[i] for i in mine])
         self._attach_noise(batch, step, self.rank * per_rank)
         mb = per_rank // cfg.grad_accum
         return [{k: v[j * mb:(j + 1) * mb] for k, v in batch.items()} for j in range(cfg.grad_accum)]
@@ -264,22 +269,28 @@ class Trainer:
         batch["flow_u"] = u[offset:offset + b]
         batch["flow_eps"] = eps[offset:offset + b]
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step (all micro-batches). Returns its metrics: 0-dim tensors on the device
+        (``loss``, ``video_loss``, ``action_loss``, ``video_mse``, ``t_mean``, ``grad_norm``; micro-batch
+        means), ``lr`` (float) and ``skipped_nonfinite`` (1.0, only on a skipped step). The gradients stay
+        in ``.grad`` until the next step. A non-finite metric stops the run (:class:`NonFiniteError`)
+        before the update, or skips the update within ``max_nonfinite_skips``."""
         self.wrapped.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}
         mbs = self._micro_batches(self.step)
         for batch in mbs:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 loss, metrics = self._loss(batch)
             (loss / len(mbs)).backward()
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / len(mbs)
+                totals[k] = totals[k] + v / len(mbs) if k in totals else v / len(mbs)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        totals["grad_norm"] = float(gnorm)
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip).detach()
         totals["lr"] = self.scheduler.get_last_lr()[0]
-        bad = first_nonfinite(totals)
+        # The step's one host sync: a single bool, so that a diverged step is never applied. The metric
+        # values themselves stay on the device (read once per logging interval).
+        bad = None if all_finite(totals) else first_nonfinite(totals)
         if bad is not None:
             self._nonfinite_step(*bad)
             totals["skipped_nonfinite"] = 1.0
@@ -291,6 +302,20 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         return totals
+
+    @staticmethod
+    def read_metrics(steps: list[tuple[int, dict[str, Any]]]) -> list[dict[str, float]]:
+        """(step, device metrics) pairs -> rows of floats, with ONE device-to-host transfer for all."""
+        if not steps:
+            return []
+        keys = [k for k, v in steps[0][1].items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([torch.stack([m[k].float() for k in keys]) for _, m in steps]).cpu().tolist()
+        rows = []
+        for (step, m), vals in zip(steps, values):
+            row: dict[str, float] = {"step": step, **dict(zip(keys, vals))}
+            row.update({k: float(v) for k, v in m.items() if not isinstance(v, torch.Tensor)})
+            rows.append(row)
+        return rows
 
     def _nonfinite_step(self, metric: str, value: float) -> None:
         """Step ``self.step + 1`` (numbered as in metrics.jsonl) produced a non-finite ``metric``: raise,
@@ -326,18 +351,21 @@ class Trainer:
         start = self.step
         last: dict[str, float] = {}
         while self.step < total:
-            last = self.train_step()
-            if self.rank == 0:
-                if self.step % self.cfg.log_every == 0 or self.step == total:
+            metrics = self.train_step()
+            if self.step % self.cfg.log_every == 0 or self.step == total:
+                row = self.read_metrics([(self.step, metrics)])[0]  # the interval's one host sync
+                last = {k: v for k, v in row.items() if k != "step"}
+                if self.rank == 0:
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": self.step, **last}) + "\n")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", act=f"{last['action_loss']:.4f}")
+                        f.write(json.dumps(row) + "\n")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", act=f"{last['action_loss']:.4f}")
+            if bar is not None:
+                bar.update(1)
             if self.step % self.cfg.save_every == 0 or self.step == total:
                 self.save()
             if self.on_step is not None:
-                self.on_step(self.step, last)
+                self.on_step(self.step, metrics)
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0

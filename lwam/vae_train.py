@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from lwam._atomic import atomic_path
 from lwam.config import VAEConfig
 from lwam.model.vae import WanVAE
+from lwam.schedule import warmup_cosine
 
 __all__ = ["train_vae", "estimate_latent_stats", "save_vae_checkpoint", "load_vae_checkpoint", "VAE_WEIGHTS_NAME"]
 
@@ -144,13 +145,6 @@ def load_vae_checkpoint(path: str | os.PathLike, device: str | torch.device = "c
     return vae.to(device).eval()
 
 
-def _lr_factor(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_vae(vae: WanVAE, frames: torch.Tensor | Dataset, steps: int = 300, lr: float = 2e-3,
               batch_size: int = 8, out_dir: str | os.PathLike | None = None, progress: bool = True,
               seed: int = 0, log: Callable[[dict[str, Any]], None] | None = None, *,
@@ -183,12 +177,13 @@ def train_vae(vae: WanVAE, frames: torch.Tensor | Dataset, steps: int = 300, lr:
     warmup = warmup_steps if warmup_steps is not None else min(20, max(1, steps // 10))
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99),
                             weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps, floor=0.1))
 
     was_training = vae.training
     vae.train()
     order: list[int] = []
     window: list[tuple[float, float, float, float]] = []
+    pending: list[torch.Tensor] = []  # per-step (loss, l1, mse, kl) on the device, read once per interval
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc="train vae", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -208,9 +203,6 @@ def train_vae(vae: WanVAE, frames: torch.Tensor | Dataset, steps: int = 300, lr:
         mean, logvar = out.mean.float(), out.logvar.float().clamp(-30.0, 20.0)
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
         loss = l1 + mse + kl_weight * kl
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train_vae: non-finite loss at step {step} (l1 {l1.item()}, mse {mse.item()}, "
-                                     f"kl {kl.item()}); lower lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -218,12 +210,21 @@ def train_vae(vae: WanVAE, frames: torch.Tensor | Dataset, steps: int = 300, lr:
         opt.step()
         sched.step()
 
-        window.append((loss.item(), l1.item(), mse.item(), kl.item()))
-        window = window[-log_every:]
-        bar.set_postfix(loss=f"{window[-1][0]:.4f}", l1=f"{window[-1][1]:.4f}")
-        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-            log({"step": step + 1, "loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "kl": kl.item(),
-                 "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+        pending.append(torch.stack([loss.detach(), l1.detach(), mse.detach(), kl.detach()]))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            rows = torch.stack(pending).cpu().tolist()  # the one host sync of the interval
+            first = step + 1 - len(rows)
+            for i, row in enumerate(rows):
+                if not math.isfinite(row[0]):
+                    raise FloatingPointError(f"train_vae: non-finite loss at step {first + i} (l1 {row[1]}, "
+                                             f"mse {row[2]}, kl {row[3]}); lower lr")
+            pending.clear()
+            window = (window + [tuple(r) for r in rows])[-log_every:]
+            bar.set_postfix(loss=f"{window[-1][0]:.4f}", l1=f"{window[-1][1]:.4f}")
+            if log is not None:
+                last = window[-1]
+                log({"step": step + 1, "loss": last[0], "l1": last[1], "mse": last[2], "kl": last[3],
+                     "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t0})
     bar.close()
 
     avg = [sum(v[i] for v in window) / len(window) for i in range(4)]

@@ -29,6 +29,9 @@ def test_collect_train_vae_train_eval(tmp_path):
     _lwam("train", "--dataset", str(ds), "--vae", str(vae / "vae.safetensors"), "--out", str(run),
           "--steps", "3", "--batch-size", "2", "--window-stride", "8")
     assert (run / "final" / "model.safetensors").is_file() and (run / "metrics.jsonl").is_file()
+    from lwam.checkpoint import load_impl
+    from lwam.config import ImplConfig
+    assert load_impl(run / "final") == ImplConfig.fast()  # `lwam train` runs the fast implementation by default
     ev = json.loads(_lwam("eval", "--checkpoint", str(run / "final"), "--tasks", "button-press-topdown-v3",
                           "--episodes", "1", "--max-steps", "16", "--eager", "--blind"))
     assert set(ev) == {"policy", "blind"}

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lwam.config import get_preset
-from lwam.data.cache import CachedWindowDataset, TextCache, build_latent_cache, build_text_cache
+from lwam.data.cache import CachedWindowDataset, build_latent_cache
 from lwam.data.cameras import compose_cameras, compose_observation, compose_uint8
-from lwam.data.lerobot import LeRobotDataset, LeRobotWriter, VideoDecodeError
+from lwam.data.lerobot import LeRobotReader, LeRobotWriter, VideoDecodeError
 from lwam.data.normalize import Normalizer, compute_stats, dataset_stats
 from lwam.data.windows import WindowDataset, collate_windows
 
@@ -65,7 +65,7 @@ def test_lerobot_round_trip(dataset_dir):
     assert (root / "videos/chunk-000/observation.images.gripper/episode_000002.mp4").is_file()
     for name in ("episodes.jsonl", "tasks.jsonl", "episodes_stats.jsonl"):
         assert (root / "meta" / name).is_file()
-    ds = LeRobotDataset(root)
+    ds = LeRobotReader(root)
     assert ds.num_episodes == 3 and ds.cameras == ["corner", "gripper"]
     assert ds.tasks == ["press the button", "open the drawer"]
     idx_seen = []
@@ -92,7 +92,7 @@ def test_writer_appends_after_restart(tmp_path):
     w2 = LeRobotWriter(root, **args)  # a new process continuing the same dataset
     assert w2.num_episodes == 1
     w2.add_episode(np.ones((4, 2)), np.ones((4, 3)), {"cam": np.zeros((4, 16, 16, 3), np.uint8)}, "b")
-    ds = LeRobotDataset(root)
+    ds = LeRobotReader(root)
     assert ds.num_episodes == 2 and ds.tasks == ["a", "b"]
     np.testing.assert_array_equal(ds.episode_data(1)["index"], np.arange(5, 9))
     with pytest.raises(ValueError, match="actions"):
@@ -225,7 +225,7 @@ def test_normalizer_round_trip(mode):
 
 def test_dataset_stats_stored(dataset_dir):
     root, episodes = dataset_dir
-    stats = dataset_stats(LeRobotDataset(root))
+    stats = dataset_stats(LeRobotReader(root))
     assert (root / "meta" / "lwam_stats.json").is_file()
     all_ac = np.concatenate([e[1] for e in episodes])
     np.testing.assert_allclose(stats["action"]["min"], all_ac.min(0), rtol=1e-6)
@@ -250,7 +250,7 @@ def test_bad_video_names_the_file(dataset_dir, tmp_path, damage):
         bad.write_bytes(data[: len(data) // 3])
     else:
         bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
-    ds = LeRobotDataset(root)
+    ds = LeRobotReader(root)
     with pytest.raises((FileNotFoundError, VideoDecodeError), match="episode_000001.mp4"):
         ds.episode_video(1, "gripper")
     win = WindowDataset(ds, _data_cfg(), frame_cache="memory")
@@ -311,19 +311,34 @@ def test_latent_cache_resumes_after_interruption(dataset_dir, tmp_path):
     assert b["latents"].shape == (2, 6, 3, S // 8, 2 * S // 8)
 
 
-def test_text_cache(tmp_path):
-    instr = ["press the button", "open the drawer", "reach"]
+def test_text_cache_file_round_trip(tmp_path):
+    """The one text-cache format: build_text_cache writes it, TextContextCache.load reads it (shapes
+    checked against the config), the prompt template is applied before encoding."""
+    from lwam.config import TextConfig
+    from lwam.model.text import TextContextCache, build_text_cache
 
-    def enc(batch):
-        ctx = torch.stack([torch.full((4, 8), float(len(s))) for s in batch])
-        mask = torch.stack([torch.arange(4) < min(4, len(s.split())) for s in batch])
-        return ctx, mask
+    cfg = TextConfig(dim=8, max_tokens=4, encoder="cache", prompt_template="do: {instruction}")
+    instr = ["press the button", "open the drawer", "reach", "reach"]
+    seen = []
 
-    path = build_text_cache(instr, enc, tmp_path / "text.safetensors", batch_size=2)
-    tc = TextCache.load(path)
-    assert len(tc) == 3 and tc.instructions == instr
-    ctx, mask = tc["open the drawer"]
-    assert ctx.shape == (4, 8) and float(ctx[0, 0]) == len("open the drawer") and mask.tolist() == [1, 1, 1, 0]
-    c, m = tc.batch(torch.tensor([2, 0]))
-    assert c.shape == (2, 4, 8) and m.dtype == torch.bool and m[0].tolist() == [True, False, False, False]
-    assert not list(tmp_path.glob(".*tmp"))
+    def enc(prompts):
+        seen.extend(prompts)
+        return torch.stack([torch.full((4, 8), float(len(p))) for p in prompts])
+
+    path = build_text_cache(instr, cfg, tmp_path / "text.safetensors", encoder=enc, batch_size=2)
+    assert seen == ["do: press the button", "do: open the drawer", "do: reach"]  # each instruction once
+    tc = TextContextCache.load(path, cfg)
+    assert len(tc) == 3 and tc.instructions == instr[:3]
+    ctx = tc.get(["open the drawer", "reach"])
+    assert ctx.shape == (2, 4, 8) and float(ctx[0, 0, 0]) == len("do: open the drawer")
+    with pytest.raises(KeyError, match="no cached text context"):
+        tc.get(["never seen"])
+    assert not list(tmp_path.glob(".*tmp*"))
+    tc.add("never seen", torch.zeros(4, 8))
+    tc.save(tmp_path / "again.safetensors")
+    assert TextContextCache.load(tmp_path / "again.safetensors", cfg).instructions == [*instr[:3], "never seen"]
+    with pytest.raises(ValueError, match="expected"):  # another config's shapes
+        TextContextCache.load(path, TextConfig(dim=16, max_tokens=4))
+    (tmp_path / "other.safetensors").write_bytes(path.read_bytes()[:40])
+    with pytest.raises(Exception):
+        TextContextCache.load(tmp_path / "other.safetensors", cfg)

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from lwam.cli import main
-from lwam.config import get_preset
+from lwam.config import ImplConfig, get_preset
 from lwam.errors import LockHeldError, NonFiniteError, StaleStateError, WeightFileError
 
 pytest.importorskip("av")
@@ -88,8 +88,11 @@ def _one_line_error(err: str) -> str:
     return lines[0]
 
 
+REF_POOLING = ImplConfig(fused_pooling=False)  # the plain pooler: fast on CPU (no Triton interpreter)
+
+
 def _tiny(**train):
-    over = {"expert.fused_pooling": False, "train.batch_size": 4, "train.warmup_steps": 1, "train.max_steps": 4,
+    over = {"train.batch_size": 4, "train.warmup_steps": 1, "train.max_steps": 4,
             "train.log_every": 1, "train.save_every": 1}
     over.update({f"train.{k}": v for k, v in train.items()})
     return get_preset("tiny").replace(**over)
@@ -120,7 +123,8 @@ def _trainer(cfg, out, **kw):
     from lwam.train import Trainer
 
     torch.manual_seed(0)
-    return Trainer(LightWAM(cfg, build_vae=False), kw.pop("dataset", None) or _Windows(cfg), out, progress=False, **kw)
+    return Trainer(LightWAM(cfg, build_vae=False, impl=REF_POOLING), kw.pop("dataset", None) or _Windows(cfg), out,
+                   progress=False, **kw)
 
 
 # --- 1. diverging runs ------------------------------------------------------------------------------------
@@ -156,7 +160,7 @@ def test_1_save_checkpoint_refuses_non_finite_weights(tmp_path):
     from lwam.checkpoint import save_checkpoint
     from lwam.model.lightwam import LightWAM
 
-    model = LightWAM(_tiny(), build_vae=False)
+    model = LightWAM(_tiny(), build_vae=False, impl=REF_POOLING)
     with torch.no_grad():
         model.proprio_encoder.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="proprio_encoder.weight"):

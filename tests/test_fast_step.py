@@ -1,4 +1,4 @@
-"""The fast training step (lwam.model.fast) against the reference step: same loss, same gradient for every
+"""The fast implementation (lwam.config.ImplConfig.fast(), explained in lwam.model.fast) against the reference: same loss, same gradient for every
 trainable parameter (same weights, same batch, same flow noise), within the lwam.testing tolerances.
 
 CPU tier: the tiny preset in fp32 with the backbone frozen as in the paper (LoRA, adapters, head, proprio
@@ -13,13 +13,13 @@ import dataclasses
 import pytest
 import torch
 
-from lwam.config import get_preset
-from lwam.model import fast
-from lwam.model.fast import StepFlags
+from lwam.config import ImplConfig, get_preset
+from lwam.model.fast import check_frozen
 from lwam.model.lightwam import LightWAM
 from lwam.model.rope import apply_rope, rope_freqs_complex
 from lwam.reference.rope import rope_apply_complex
 from lwam.testing import assert_close
+from lwam.train import Trainer
 
 
 def _cfg(**overrides):
@@ -55,11 +55,21 @@ def _batch(cfg, b=2, seed=0):
     }
 
 
-def _step(model, batch, **kw):
-    loss = fast.training_step(model, batch, **kw)
-    fast.check_frozen(model, after_backward=True)
+def _step(model, batch, autocast_dtype=None):
+    """Forward + backward of ``model.training_loss`` -> (loss, {name: grad})."""
+    for p in model.parameters():
+        p.grad = None
+    dev = model.proprio_encoder.weight.device.type
+    with torch.autocast(dev, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        loss, _ = model.training_loss(batch)
+    loss.backward()
+    check_frozen(model, after_backward=True)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss, grads
+    return loss.detach().float(), grads
+
+
+def _with(model, impl):
+    return copy.deepcopy(model).set_impl(impl)
 
 
 def _assert_same_step(got, want, dtype=torch.float32, label=""):
@@ -76,20 +86,33 @@ def tiny_setup():
     cfg = _cfg()
     model = _model(cfg)
     batch = _batch(cfg)
-    ref = fast.configure_reference(copy.deepcopy(model))
+    ref = _with(model, ImplConfig.reference())
     return cfg, model, batch, _step(ref, batch)
 
 
-def test_reference_flags_read_back(tiny_setup):
+def test_impl_is_applied_to_the_modules(tiny_setup):
     _, model, _, _ = tiny_setup
-    m = fast.configure_reference(copy.deepcopy(model))
-    assert fast.current_flags(m) == StepFlags.reference()
-    assert all(b.self_attn.attn_impl == "masked" for b in m.dit.blocks)
-    assert m.dit.rope_impl == "complex" and m.reference_downsample and not m.expert.cfg.fused_pooling
-    m = fast.configure_fast(m, compile_blocks=False)
-    assert fast.current_flags(m) == StepFlags.fast(compile_blocks=False)
+    m = _with(model, ImplConfig.reference())
+    assert m.impl == ImplConfig.reference() and m.dit.impl == ImplConfig.reference()
+    assert all(b.self_attn.attention == "masked" for b in m.dit.blocks)
+    assert not m.expert.fused_pooling
+    m.set_impl(ImplConfig.fast(compile_blocks=False))
+    assert all(b.self_attn.attention == "split" for b in m.dit.blocks) and m.expert.fused_pooling
     # The state dict is the same object layout either way (no wrapper prefixes).
     assert list(m.state_dict()) == list(model.state_dict())
+
+
+def test_impl_config_values_and_round_trip():
+    ref, fast = ImplConfig.reference(), ImplConfig.fast()
+    assert ref != fast and fast.compile_blocks and not ref.compile_blocks
+    assert ImplConfig.named("reference") == ref and ImplConfig.named("fast") == fast
+    assert ImplConfig.from_dict(fast.to_dict()) == fast
+    with pytest.raises(ValueError, match="attention"):
+        ImplConfig(attention="flash")
+    with pytest.raises(ValueError, match="impl"):
+        ImplConfig.named("fastest")
+    with pytest.raises(TypeError, match="impl"):
+        LightWAM(_cfg(), build_vae=False).set_impl("fast")
 
 
 def test_reference_trains_exactly_the_trainable_set(tiny_setup):
@@ -104,20 +127,21 @@ def test_fast_step_eager_equals_reference(tiny_setup):
     """Every change except compile: split attention, real fp32 RoPE (cached), fused pooling (Triton's
     interpreter on CPU), fused downsampling, frozen weights checked."""
     _, model, batch, want = tiny_setup
-    m = fast.configure_fast(copy.deepcopy(model), compile_blocks=False)
+    m = _with(model, ImplConfig.fast(compile_blocks=False))
     _assert_same_step(_step(m, batch), want, label="fast(eager)")
     _assert_same_step(_step(m, batch), want, label="fast(eager, cached RoPE)")
 
 
-SWITCHES = [f.name for f in dataclasses.fields(StepFlags) if f.name not in ("compile_blocks", "enforce_frozen")]
+_FAST = ImplConfig.fast()
+SWITCHES = [f.name for f in dataclasses.fields(ImplConfig) if f.name != "compile_blocks"]
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_each_switch_alone_equals_reference(tiny_setup, switch):
     _, model, batch, want = tiny_setup
-    flags = StepFlags.reference().replace(**{switch: True})
-    m = fast.configure(copy.deepcopy(model), flags)
-    assert fast.current_flags(m) == flags
+    impl = ImplConfig.reference().replace(**{switch: getattr(_FAST, switch)})
+    m = _with(model, impl)
+    assert m.impl == impl
     _assert_same_step(_step(m, batch), want, label=switch)
 
 
@@ -133,28 +157,27 @@ def test_complex_rope_in_model_is_the_reference_arithmetic():
 def test_rope_cache_returns_the_same_tables():
     cfg = _cfg()
     dit = _model(cfg).dit
-    dit.rope_cache = True
+    dit.set_impl(ImplConfig(rope_cache=True))
     a = dit.rope_tables((3, 2, 4), torch.device("cpu"))
     b = dit.rope_tables((3, 2, 4), torch.device("cpu"))
     assert a[0] is b[0] and a[1] is b[1]
-    dit.rope_cache = False
+    dit.set_impl(ImplConfig(rope_cache=False))
     c = dit.rope_tables((3, 2, 4), torch.device("cpu"))
     assert c[0] is not a[0] and torch.equal(c[0], a[0]) and torch.equal(c[1], a[1])
     with torch.inference_mode():  # inference tensors would break a later training step: not cached
-        dit.rope_cache = True
-        dit._rope_tables.clear()
+        dit.set_impl(ImplConfig(rope_cache=True))
         dit.rope_tables((1, 2, 4), torch.device("cpu"))
     assert not dit._rope_tables
 
 
 def test_frozen_check_catches_reenabled_weights(tiny_setup):
     _, model, batch, _ = tiny_setup
-    m = fast.configure_fast(copy.deepcopy(model), compile_blocks=False)
+    m = _with(model, ImplConfig())
     m.dit.blocks[0].self_attn.q.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="self_attn.q.weight"):
-        fast.check_frozen(m)
-    fast.configure_fast(m, compile_blocks=False)  # re-applies the freezing
-    fast.check_frozen(m)
+        check_frozen(m)
+    m.apply_freezing()
+    check_frozen(m)
     assert not m.dit.blocks[0].self_attn.q.weight.requires_grad
 
 
@@ -163,7 +186,7 @@ def test_compiled_block_equals_eager_block(tiny_setup):
     backward): output, input gradient and every trainable (LoRA) gradient equal the eager block's; the
     compile is in place, so the state-dict keys stay."""
     cfg, model, batch, _ = tiny_setup
-    dit = fast.configure_fast(copy.deepcopy(model), compile_blocks=False).dit
+    dit = _with(model, ImplConfig()).dit
     eager = dit.blocks[1]
     compiled = copy.deepcopy(eager)
     keys = list(compiled.state_dict())
@@ -192,35 +215,73 @@ def test_compiled_block_equals_eager_block(tiny_setup):
         assert_close(gp1[n], gp0[n], name=f"block grad {n}")
 
 
+class _Samples(torch.utils.data.Dataset):
+    """A map-style dataset over the rows of a fixed batch (what the Trainer draws from)."""
+
+    def __init__(self, batch):
+        self.rows = [{k: v[i] for k, v in batch.items() if not k.startswith("flow_")}
+                     for i in range(batch["latents"].shape[0])]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _trainer_step(model, impl, tmp_path, name, batch):
+    """One ``Trainer.train_step`` with ``impl`` -> (loss, {name: grad}) (the step's own noise and batch)."""
+    cfg = model.cfg.train
+    cfg = dataclasses.replace(cfg, batch_size=batch["latents"].shape[0], grad_accum=1)
+    tr = Trainer(copy.deepcopy(model), _Samples(batch), tmp_path / name, cfg, impl=impl, device="cpu",
+                 resume=False, progress=False)
+    assert tr.model.impl == impl and tr.impl == impl
+    metrics = tr.train_step()
+    assert isinstance(metrics["loss"], torch.Tensor)  # on the device until the logging interval reads it
+    check_frozen(tr.model, after_backward=True)
+    return metrics["loss"], {n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+
+
+def test_trainer_step_fast_equals_reference(tiny_setup, tmp_path):
+    """One Trainer step (the step `lwam train` runs), fast arithmetic (eager blocks) vs the reference:
+    same loss, same (clipped) gradient for every trainable parameter."""
+    _, model, batch, _ = tiny_setup
+    want = _trainer_step(model, ImplConfig.reference(), tmp_path, "ref", batch)
+    got = _trainer_step(model, ImplConfig.fast(compile_blocks=False), tmp_path, "fast", batch)
+    _assert_same_step(got, want, label="Trainer fast(eager)")
+
+
 @pytest.mark.slow
-def test_fast_step_compiled_equals_reference(tiny_setup):
-    """The whole fast step with compiled blocks (four block graphs: video/action pass x first/later block;
-    minutes of inductor compile on a small CPU), then switched back to eager blocks and to the reference."""
-    _, model, batch, want = tiny_setup
-    m = fast.configure_fast(copy.deepcopy(model), compile_blocks=True)
-    assert fast.current_flags(m) == StepFlags.fast()
-    _assert_same_step(_step(m, batch), want, label="fast(compiled)")
-    fast.configure_fast(m, compile_blocks=False)
-    assert not fast.current_flags(m).compile_blocks
-    _assert_same_step(_step(m, batch), want, label="compiled model back to eager")
-    fast.configure_reference(m)
+def test_trainer_step_fast_compiled_equals_reference(tiny_setup, tmp_path):
+    """The same with ``ImplConfig.fast()`` as it is (compiled blocks: four block graphs, video/action pass
+    x first/later block; minutes of inductor compile on a small CPU), then the compiled model switched back
+    to eager blocks and to the reference."""
+    _, model, batch, _ = tiny_setup
+    want = _trainer_step(model, ImplConfig.reference(), tmp_path, "ref", batch)
+    _assert_same_step(_trainer_step(model, ImplConfig.fast(), tmp_path, "fast", batch), want,
+                      label="Trainer fast(compiled)")
+    m = _with(model, ImplConfig.fast())
+    assert all(b._compiled_call_impl is not None for b in m.dit.blocks)
+    m.set_impl(ImplConfig.reference())
+    assert all(b._compiled_call_impl is None for b in m.dit.blocks)
     assert list(m.state_dict()) == list(model.state_dict())
-    _assert_same_step(_step(m, batch), want, label="compiled model reset to reference")
 
 
-def test_fast_step_with_optimizer_matches_reference_after_updates(tiny_setup):
-    """Three AdamW steps: parameters stay equal (eager fast path; the compiled path is covered above).
-    AdamW's eps is 1e-6, not 1e-8: for a gradient element near zero (one adapter down-projection weight
-    here), m / (sqrt(v) + 1e-8) turns rounding-level gradient differences into lr-sized parameter
-    differences; the comparison itself stays as strict as for one step."""
+def test_fast_step_with_optimizer_matches_reference_after_updates(tiny_setup, tmp_path):
+    """Three Trainer steps (AdamW, schedule, clipping): parameters stay equal (eager fast path; the compiled
+    path is covered above). AdamW's eps is 1e-6, not 1e-8: for a gradient element near zero (one adapter
+    down-projection weight here), m / (sqrt(v) + 1e-8) turns rounding-level gradient differences into
+    lr-sized parameter differences; the comparison itself stays as strict as for one step."""
     _, model, batch, _ = tiny_setup
     runs = []
-    for configure in (fast.configure_reference, lambda m: fast.configure_fast(m, compile_blocks=False)):
-        m = configure(copy.deepcopy(model))
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95),
-                                eps=1e-6)
-        losses = [fast.training_step(m, batch, opt, grad_clip=1.0) for _ in range(3)]
-        runs.append((torch.stack(losses), {n: p.detach().clone() for n, p in m.named_parameters()}))
+    for impl in (ImplConfig.reference(), ImplConfig.fast(compile_blocks=False)):
+        cfg = dataclasses.replace(model.cfg.train, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1)
+        tr = Trainer(copy.deepcopy(model), _Samples(batch), tmp_path / impl.attention, cfg, impl=impl,
+                     device="cpu", resume=False, progress=False)
+        for group in tr.optimizer.param_groups:
+            group["eps"] = 1e-6
+        losses = torch.stack([tr.train_step()["loss"] for _ in range(3)])
+        runs.append((losses, {n: p.detach().clone() for n, p in tr.model.named_parameters()}))
     assert_close(runs[1][0], runs[0][0], name="losses")
     for n, p in runs[0][1].items():
         assert_close(runs[1][1][n], p, name=n)
@@ -233,10 +294,10 @@ def test_fast_step_equals_reference_paper_bf16():
     cfg = get_preset("paper").replace(**{"dit.num_layers": 9, "adapter.layers": (2, 5, 8)})
     model = _model(cfg).cuda()
     batch = {k: v.cuda() for k, v in _batch(cfg, b=2).items()}
-    ref = fast.configure_reference(copy.deepcopy(model))
+    ref = _with(model, ImplConfig.reference())
     want = _step(ref, batch, autocast_dtype=torch.bfloat16)
     del ref
-    m = fast.configure_fast(model, compile_blocks=True)
+    m = model.set_impl(ImplConfig.fast())
     _step(m, batch, autocast_dtype=torch.bfloat16)  # compile
     _assert_same_step(_step(m, batch, autocast_dtype=torch.bfloat16), want, dtype=torch.bfloat16,
                       label="paper bf16")

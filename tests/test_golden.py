@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lwam.config import VAEConfig, get_preset
+from lwam.config import ImplConfig, VAEConfig, get_preset
 from lwam.model import action_expert as action_expert_mod
 from lwam.model import dit as dit_mod
 from lwam.model.layers import GELU
@@ -70,9 +70,7 @@ def model32() -> LightWAM:
 @pytest.fixture(scope="module")
 def model64() -> LightWAM:
     # fp64 throughout: the published (complex128) RoPE; the real-arithmetic path uses fp32 tables.
-    model = load_model(torch.float64).eval()
-    model.dit.rope_impl = "complex"
-    return model
+    return load_model(torch.float64).eval().set_impl(ImplConfig(rope="complex"))
 
 
 def _key(prefix: str, dtype: torch.dtype, name: str) -> str:
@@ -187,14 +185,13 @@ def test_latent_steps_is_pad_matches_fixture(golden):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", ["a", "b"])
 def test_training_loss(golden, dtype, case):
-    model = load_model(dtype).train()
-    model.dit.rope_impl = "complex"
+    model = load_model(dtype).train().set_impl(ImplConfig(rope="complex"))
     loss, metrics = model.training_loss(loss_batch(golden, case, dtype))
     tol = _tol("loss", dtype)
     p = f"loss_{case}."
     assert max_rel(loss, golden[_key(p, dtype, "loss_total")]) < tol
-    assert max_rel(torch.tensor(metrics["video_loss"]), golden[_key(p, dtype, "loss_video")]) < tol
-    assert max_rel(torch.tensor(metrics["action_loss"]), golden[_key(p, dtype, "loss_action")]) < tol
+    assert max_rel(metrics["video_loss"], golden[_key(p, dtype, "loss_video")]) < tol
+    assert max_rel(metrics["action_loss"], golden[_key(p, dtype, "loss_action")]) < tol
 
 
 def _grads_match(model: LightWAM, T: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, float]:
@@ -209,8 +206,7 @@ def _grads_match(model: LightWAM, T: dict[str, torch.Tensor], dtype: torch.dtype
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_training_gradients(golden, dtype):
-    model = load_model(dtype).train()
-    model.dit.rope_impl = "complex"
+    model = load_model(dtype).train().set_impl(ImplConfig(rope="complex"))
     loss, _ = model.training_loss(loss_batch(golden, "a", dtype))
     loss.backward()
     errs = _grads_match(model, golden, dtype)
@@ -275,15 +271,13 @@ def test_policy_path_compiled(golden, policy_model):
 def test_fast_training_step(golden):
     """The fast step (split attention, real RoPE, fused pooling through the Triton interpreter, fused
     downsampling; blocks eager) against the published loss and gradients."""
-    from lwam.model.fast import configure_fast
-
-    model = configure_fast(load_model().train(), compile_blocks=False)
+    model = load_model().train().set_impl(ImplConfig.fast(compile_blocks=False))
     for case in "ab":
         model.zero_grad(set_to_none=True)
         loss, metrics = model.training_loss(loss_batch(golden, case))
         p = f"loss_{case}."
         assert max_rel(loss, golden[p + "loss_total"]) < TOL["fp32_loss"]
-        assert max_rel(torch.tensor(metrics["video_loss"]), golden[p + "loss_video"]) < TOL["fp32_loss"]
+        assert max_rel(metrics["video_loss"], golden[p + "loss_video"]) < TOL["fp32_loss"]
         if case == "a":
             loss.backward()
             bad = {k: v for k, v in _grads_match(model, golden, torch.float32).items() if not v < TOL["fp32_grad"]}
@@ -353,4 +347,4 @@ def test_golden_detects_unmasked_video_loss(golden):
     batch = loss_batch(golden, "b")
     del batch["frames_is_pad"]
     _, metrics = model.training_loss(batch)
-    assert max_rel(torch.tensor(metrics["video_loss"]), golden["loss_b.loss_video"]) > 100 * TOL["fp32_loss"]
+    assert max_rel(metrics["video_loss"], golden["loss_b.loss_video"]) > 100 * TOL["fp32_loss"]

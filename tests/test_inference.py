@@ -221,9 +221,12 @@ def test_from_release_files(model, tmp_path):
                "proprio_encoder": model.proprio_encoder.state_dict(), "step": 7, "torch_dtype": "float32"}
     torch.save(release, tmp_path / "lightwam.pt")
     torch.save(model.vae.state_dict(), tmp_path / "Wan2.1_VAE.pth")
-    cfg = copy.deepcopy(model.cfg)
-    cache = {s: model.text.get([s])[0] for s in INSTR}
+    from lwam.model.text import build_text_cache
+
+    cfg = copy.deepcopy(model.cfg.replace(**{"text.encoder": "cache"}))  # contexts from the file only
+    cache = build_text_cache(INSTR, cfg.text, tmp_path / "text.safetensors", encoder=model.text.encoder)
     pol = Policy.from_checkpoint(tmp_path / "lightwam.pt", compile=False, cfg=cfg, text_cache=cache)
+    assert sorted(pol.instructions) == sorted(INSTR)
     images, instr, proprio = _inputs(model.cfg, 2, seed=9)
     assert_close(pol.predict_batch(images, instr, proprio), _eager(model, images, instr, proprio),
                  dtype=torch.float32)
@@ -281,6 +284,25 @@ def test_bench_latency_cli_tiny(capsys):
     assert "random weights" in out and "speed-up" in out
 
 
+def test_policy_from_a_model_with_compiled_blocks_copies_eager_blocks(model):
+    """After training with ImplConfig.fast() the blocks are compiled in place; the policy's copies must run
+    their own (copied) weights, not the source's compiled forward. Nothing is compiled here: the compile
+    wrapper is lazy and the policy runs eagerly."""
+    from lwam.config import ImplConfig
+
+    compiled = copy.deepcopy(model).set_impl(ImplConfig.fast())
+    assert all(b._compiled_call_impl is not None for b in compiled.dit.blocks)
+    pol = Policy.from_model(compiled, compile=False)
+    assert all(b._compiled_call_impl is None for b in pol.fast.dit.blocks)
+    with torch.no_grad():  # a change to the source after the copy must not reach the policy
+        for p in compiled.dit.blocks[0].parameters():
+            p.add_(1.0)
+    want = Policy.from_model(model, compile=False)
+    images, instr, proprio = _inputs(model.cfg, 1, seed=11)
+    torch.testing.assert_close(pol.predict_batch(images, instr, proprio), want.predict_batch(images, instr, proprio),
+                               rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------ one capture, owned outputs
 def test_self_capturing_compile_mode_is_translated_under_policy_capture():
     from lwam._logging import _seen
@@ -303,7 +325,7 @@ def test_policy_rejects_nested_capture_when_built_directly(model):
     pol = Policy.from_model(model, compile=False)
     opts = dataclasses.replace(pol.options, compile=True, cuda_graphs=True, compile_mode="reduce-overhead")
     with pytest.raises(ValueError, match="reduce-overhead.*captures CUDA graphs"):
-        Policy(pol.fast, pol.cfg, opts, pol.normalizer, pol._raw_text)
+        Policy(pol.fast, pol.cfg, opts, pol.normalizer, pol.text)
 
 
 class _OverwritingGraph:

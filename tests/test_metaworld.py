@@ -57,14 +57,14 @@ def test_expert_succeeds(task):
 
 def test_collect_and_evaluate(tmp_path):
     from lwam.config import get_preset
-    from lwam.data.lerobot import LeRobotDataset
+    from lwam.data.lerobot import LeRobotReader
     from lwam.data.windows import WindowDataset
     from lwam.envs.evaluate import evaluate
 
     summary = collect_demos([TASK], 2, tmp_path / "demos", size=64, max_steps=150, extra_steps=3,
                             progress=False)
     assert summary["episodes"][TASK] == 2 and summary["frames"] > 0
-    ds = LeRobotDataset(tmp_path / "demos")
+    ds = LeRobotReader(tmp_path / "demos")
     assert ds.num_episodes == 2 and ds.cameras == ["corner", "gripper"]
     assert ds.instruction(0) == instruction_for(TASK)
     assert all(e["seed"] < EVAL_SEED_START for e in ds.episodes)

@@ -6,17 +6,19 @@ import sys
 import pytest
 import torch
 
-from lwam.config import get_preset
+from lwam.config import ImplConfig, get_preset
 from lwam.model.attention import first_frame_causal_attention, first_frame_causal_mask
 from lwam.model.lightwam import LightWAM
 from lwam.model.rope import apply_rope, rope_cos_sin
 from lwam.reference.rope import rope_apply_complex
 
 
+# The reference pooling path keeps these model tests fast (the fused op runs in Triton's interpreter on
+# CPU); fused-vs-reference equality of the expert is tested on its own below.
+IMPL = ImplConfig(fused_pooling=False)
+
+
 def tiny(**overrides):
-    # The reference pooling path keeps these model tests fast (the fused op runs in Triton's
-    # interpreter on CPU); fused-vs-reference equality of the expert is tested on its own below.
-    overrides.setdefault("expert.fused_pooling", False)
     return get_preset("tiny").replace(**overrides)
 
 
@@ -55,7 +57,7 @@ def test_attention_split_equals_masked(n0, s):
 def test_frame0_tokens_ignore_later_frames():
     cfg = tiny()
     torch.manual_seed(0)
-    dit = LightWAM(cfg, build_vae=False).dit.eval()
+    dit = LightWAM(cfg, build_vae=False, impl=IMPL).dit.eval()
     for p in dit.parameters():  # make every path non-trivial
         p.data.add_(torch.randn_like(p) * 0.02)
     lat = torch.randn(1, 16, 3, 4, 8)
@@ -80,7 +82,7 @@ def test_rope_real_fp32_matches_complex_reference():
 def test_zero_init_lora_and_adapters_leave_frozen_model_unchanged():
     cfg = tiny()
     torch.manual_seed(0)
-    with_ad = LightWAM(cfg, build_vae=False).dit.eval()
+    with_ad = LightWAM(cfg, build_vae=False, impl=IMPL).dit.eval()
     bare_cfg = cfg.replace(**{"lora.enabled": False, "adapter.layers": (), })
     plain = type(with_ad)(bare_cfg.dit, bare_cfg.lora, None).eval()
     missing, unexpected = plain.load_state_dict(with_ad.state_dict(), strict=False)
@@ -94,7 +96,7 @@ def test_zero_init_lora_and_adapters_leave_frozen_model_unchanged():
 def test_gradients_reach_exactly_the_trainable_set():
     cfg = tiny(freeze_backbone=True)
     torch.manual_seed(0)
-    model = LightWAM(cfg)
+    model = LightWAM(cfg, impl=IMPL)
     # Zero-initialised LoRA-up/adapter-up/head would block gradients to their partners: perturb them.
     for n, p in model.named_parameters():
         if "up_proj" in n or n == "dit.head.head.weight":
@@ -118,7 +120,7 @@ def test_gradients_reach_exactly_the_trainable_set():
 def test_blocks_after_last_tap_do_not_change_actions():
     cfg = tiny(**{"adapter.layers": (0, 1, 2)})
     torch.manual_seed(0)
-    model = LightWAM(cfg).eval()
+    model = LightWAM(cfg, impl=IMPL).eval()
     img = torch.rand(1, 3, 64, 128) * 2 - 1
     prop = torch.randn(1, cfg.proprio_dim)
     a1 = model.predict_actions(img, prop, instruction="press the button")
@@ -130,7 +132,7 @@ def test_blocks_after_last_tap_do_not_change_actions():
 def test_overfit_one_batch_loss_falls():
     cfg = tiny()
     torch.manual_seed(0)
-    model = LightWAM(cfg)
+    model = LightWAM(cfg, impl=IMPL)
     batch = _fix_batch(make_batch(cfg, b=4))
     opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=3e-3)
     torch.manual_seed(1)
@@ -149,7 +151,7 @@ def test_overfit_one_batch_loss_falls():
 
 def test_action_loss_prefix_and_padding_mask():
     cfg = tiny()
-    model = LightWAM(cfg, build_vae=False)
+    model = LightWAM(cfg, build_vae=False, impl=IMPL)
     pred = torch.zeros(2, 32, 4)
     act = torch.zeros(2, 32, 4)
     act[:, cfg.train.action_loss_steps:] = 5.0          # outside the weighted prefix: ignored
@@ -173,7 +175,7 @@ def test_flow_weight_zero_at_ends_mean_one():
 
 def test_bad_inputs_raise_clear_errors():
     cfg = tiny()
-    model = LightWAM(cfg)
+    model = LightWAM(cfg, impl=IMPL)
     prop = torch.randn(1, cfg.proprio_dim)
     with pytest.raises(ValueError, match="divisible by 16"):
         model.predict_actions(torch.zeros(1, 3, 60, 128), prop, instruction="x")
@@ -201,7 +203,7 @@ def test_checkpoint_round_trip(tmp_path):
     from lwam.checkpoint import load_checkpoint, save_checkpoint
     cfg = tiny()
     torch.manual_seed(0)
-    model = LightWAM(cfg)
+    model = LightWAM(cfg, impl=IMPL)
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.01)
     stats = {"action": {"min": [0, 0, 0, 0], "max": [1, 1, 1, 1]}}
@@ -219,8 +221,8 @@ def _expert_pair():
     torch.manual_seed(0)
     cfg = ActionExpertConfig(num_queries=3, num_heads=2, compress_dim=16, hidden_dim=24, step_embed_dim=8)
     fused = StateFusionActionExpert(cfg, dim=32, num_layers=3, chunk_size=5, action_dim=3)
-    plain_cfg = ActionExpertConfig(**{**cfg.__dict__, "fused_pooling": False})
-    plain = StateFusionActionExpert(plain_cfg, dim=32, num_layers=3, chunk_size=5, action_dim=3)
+    plain = StateFusionActionExpert(cfg, dim=32, num_layers=3, chunk_size=5, action_dim=3)
+    plain.fused_pooling = False  # what LightWAM.set_impl(ImplConfig(fused_pooling=False)) sets
     for p in fused.parameters():  # non-trivial merge logits and norms
         p.data.add_(torch.randn_like(p) * 0.05)
     plain.load_state_dict(fused.state_dict())

@@ -377,8 +377,7 @@ def test_cli_serve_sigterm_exits_zero_and_eval_server(model, tmp_path):
     from lwam.cli import main
 
     save_checkpoint(model, tmp_path / "ckpt", stats=STATS)
-    from safetensors.torch import save_file
-    save_file({s: model.text.state()[s] for s in INSTRUCTIONS}, str(tmp_path / "text.safetensors"))
+    model.text.subset(INSTRUCTIONS).save(tmp_path / "text.safetensors")  # the one text-cache format
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lwam.cli", "serve", "--checkpoint", str(tmp_path / "ckpt"),
                              "--port", "0", "--no-compile", "--max-batch", "1", "--device", "cpu",

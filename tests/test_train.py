@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lwam.checkpoint import load_checkpoint
-from lwam.config import TrainConfig, get_preset
+from lwam.config import ImplConfig, TrainConfig, get_preset
 from lwam.model.lightwam import LightWAM
 from lwam.train import Trainer, global_batch_indices, lr_lambda, read_metrics
 
@@ -28,8 +28,8 @@ N_SAMPLES = 24
 
 
 def tiny_cfg(**train):
-    """The tiny preset with the reference pooling path (fast on CPU) and small training settings."""
-    over = {"expert.fused_pooling": False, "train.batch_size": 4, "train.warmup_steps": 2,
+    """The tiny preset with small training settings (models get the reference pooling path: build_model)."""
+    over = {"train.batch_size": 4, "train.warmup_steps": 2,
             "train.max_steps": 8, "train.log_every": 1, "train.save_every": 3, "train.seed": 0}
     over.update({f"train.{k}": v for k, v in train.items()})
     return get_preset("tiny").replace(**over)
@@ -37,7 +37,7 @@ def tiny_cfg(**train):
 
 def build_model(cfg, seed: int = 0, vae: bool = False) -> LightWAM:
     torch.manual_seed(seed)
-    return LightWAM(cfg, build_vae=vae)
+    return LightWAM(cfg, build_vae=vae, impl=ImplConfig(fused_pooling=False))  # reference pooling: fast on CPU
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -381,3 +381,21 @@ def test_empty_dataset_raises(tmp_path):
     cfg = tiny_cfg()
     with pytest.raises(ValueError, match="empty"):
         Trainer(build_model(cfg), WindowDataset(cfg, n=0), tmp_path, progress=False)
+
+
+def test_metrics_stay_on_device_and_are_read_once_per_log_interval(tmp_path, monkeypatch):
+    cfg = tiny_cfg(log_every=4, save_every=100)
+    reads, seen = [], []
+    real = Trainer.read_metrics
+
+    def counting(steps):
+        reads.append([s for s, _ in steps])
+        return real(steps)
+
+    monkeypatch.setattr(Trainer, "read_metrics", staticmethod(counting))
+    tr = Trainer(build_model(cfg), WindowDataset(cfg), tmp_path, progress=False,
+                 on_step=lambda step, m: seen.append(isinstance(m["loss"], torch.Tensor)))
+    res = tr.train(8)
+    assert reads == [[4], [8]] and all(seen) and len(seen) == 8
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [4, 8]
+    assert isinstance(res["metrics"]["loss"], float)

@@ -13,8 +13,8 @@ content (its metadata and parquet files), the storage dtype, and whatever the ca
 build made from other inputs is never reused silently: :class:`~lwam.errors.StaleStateError` names the
 components that changed and how to start fresh.
 
-Text cache (``build_text_cache``): a safetensors file with ``context`` [N, L, D] and ``mask`` [N, L]
-for instruction index 0..N-1, and the instruction strings in its metadata; written atomically.
+Text contexts have one cache class and file format: :class:`lwam.model.text.TextContextCache`
+(``build_text_cache`` there).
 """
 from __future__ import annotations
 
@@ -22,14 +22,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lwam._atomic import atomic_path
-from lwam.data.lerobot import atomic_write_json
+from lwam._atomic import atomic_write_json
 from lwam.data.windows import WindowDataset, collate_windows
 from lwam.errors import StaleStateError
 
@@ -237,82 +236,3 @@ class CachedWindowDataset(Dataset):
         out = self.windows.get(index, video=False)
         out["latents"] = torch.from_numpy(np.array(self.latents[index], dtype=np.float32))  # a copy: the memmap is read-only
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# text
-# --------------------------------------------------------------------------------------------
-def build_text_cache(instructions: Sequence[str],
-                     encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
-                     path: str | os.PathLike, batch_size: int = 64) -> Path:
-    """Encode every instruction once and save ``context`` [N, L, D] and ``mask`` [N, L].
-
-    Args:
-        instructions: the strings, in instruction-index order (e.g. ``dataset.tasks``).
-        encode_text: list[str] (B) -> (context [B, L, D] float, mask [B, L] bool/int).
-        path: the .safetensors file (written atomically).
-    """
-    from safetensors.torch import save_file
-
-    instructions = [str(s) for s in instructions]
-    if not instructions:
-        raise ValueError("instructions: expected at least one string")
-    ctxs, masks = [], []
-    with torch.no_grad():
-        for i in range(0, len(instructions), batch_size):
-            batch = instructions[i:i + batch_size]
-            ctx, mask = encode_text(batch)
-            if ctx.dim() != 3 or ctx.shape[0] != len(batch) or tuple(mask.shape) != tuple(ctx.shape[:2]):
-                raise ValueError(f"encode_text: expected context [B={len(batch)}, L, D] and mask [B, L], "
-                                 f"got {tuple(ctx.shape)} and {tuple(mask.shape)}")
-            ctxs.append(ctx.detach().cpu().float())
-            masks.append(mask.detach().cpu().bool())
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({"context": torch.cat(ctxs).contiguous(), "mask": torch.cat(masks).contiguous()}, str(tmp),
-                  metadata={"instructions": json.dumps(instructions)})
-    return path
-
-
-class TextCache:
-    """Cached text contexts. ``context`` [N, L, D] float32, ``mask`` [N, L] bool, ``instructions`` list[str]."""
-
-    def __init__(self, context: torch.Tensor, mask: torch.Tensor, instructions: Sequence[str]):
-        if len(instructions) != context.shape[0] or tuple(mask.shape) != tuple(context.shape[:2]):
-            raise ValueError(f"TextCache: {len(instructions)} instructions, context {tuple(context.shape)}, "
-                             f"mask {tuple(mask.shape)}")
-        self.context, self.mask = context, mask
-        self.instructions = list(instructions)
-        self._index = {s: i for i, s in enumerate(self.instructions)}
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TextCache":
-        from lwam._safe_load import read_safetensors_with_metadata
-
-        path = Path(path)
-        tensors, meta = read_safetensors_with_metadata(path, "text cache")
-        if "context" not in tensors or "mask" not in tensors:
-            raise ValueError(f"text cache {path}: expected tensors 'context' and 'mask', found {sorted(tensors)}")
-        try:
-            instructions = json.loads(meta.get("instructions", "[]"))
-        except ValueError:
-            raise ValueError(f"text cache {path}: its 'instructions' metadata is not JSON") from None
-        return cls(tensors["context"], tensors["mask"], instructions)
-
-    def __len__(self) -> int:
-        return len(self.instructions)
-
-    def index(self, instruction: str) -> int:
-        if instruction not in self._index:
-            raise KeyError(f"instruction {instruction!r} is not in the text cache ({len(self)} entries)")
-        return self._index[instruction]
-
-    def __getitem__(self, idx: int | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """context [L, D], mask [L] of one instruction (by index or string)."""
-        i = self.index(idx) if isinstance(idx, str) else int(idx)
-        return self.context[i], self.mask[i]
-
-    def batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """context [B, L, D], mask [B, L] for instruction indices [B]."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.context[idx], self.mask[idx]

@@ -21,7 +21,8 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 import numpy as np
 import torch
 
-from lwam.data.lerobot import ACTION_KEY, STATE_KEY, LeRobotDataset, atomic_write_json
+from lwam._atomic import atomic_write_json
+from lwam.data.lerobot import ACTION_KEY, STATE_KEY, LeRobotReader
 
 STATS_FILE = "meta/lwam_stats.json"
 MODES = ("minmax", "zscore", "identity")
@@ -63,7 +64,7 @@ def compute_stats(values: np.ndarray | Iterable[np.ndarray]) -> dict[str, list[f
             "std": np.sqrt(m2 / n).tolist(), "count": int(n)}
 
 
-def compute_dataset_stats(dataset: LeRobotDataset, keys: Sequence[str] | None = None,
+def compute_dataset_stats(dataset: LeRobotReader, keys: Sequence[str] | None = None,
                           episodes: Sequence[int] | None = None) -> dict[str, dict[str, Any]]:
     """Stats of ``keys`` (default: the dataset's state and action features) over ``episodes`` (all)."""
     keys = list(keys) if keys is not None else [dataset.state_key, dataset.action_key]
@@ -88,7 +89,7 @@ def load_stats(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return dict(data["features"]) if "features" in data else dict(data)
 
 
-def dataset_stats(dataset: LeRobotDataset, recompute: bool = False) -> dict[str, dict[str, Any]]:
+def dataset_stats(dataset: LeRobotReader, recompute: bool = False) -> dict[str, dict[str, Any]]:
     """The dataset's stats over all its episodes: read from ``meta/lwam_stats.json``, computed and
     stored there (atomically) the first time or when ``recompute`` is set or the file is stale."""
     path = dataset.root / STATS_FILE

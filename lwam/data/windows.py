@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lwam.data.cameras import compose_uint8, layout_slots
-from lwam.data.lerobot import LeRobotDataset
+from lwam.data.lerobot import LeRobotReader
 from lwam.data.normalize import Normalizer, dataset_stats
 from lwam.validate import check_finite_rows
 
@@ -35,7 +35,7 @@ class WindowDataset(Dataset):
     """Windows of a LeRobot dataset, one per frame.
 
     Args:
-        dataset: a :class:`LeRobotDataset` or its directory.
+        dataset: a :class:`LeRobotReader` or its directory.
         cfg: :class:`lwam.config.DataConfig` (image size, chunk, frames, stride, cameras, layout, norms).
         normalizer: maps ``action`` / ``observation.state``; None builds one from the dataset's stored
             stats and ``cfg``.
@@ -54,11 +54,11 @@ class WindowDataset(Dataset):
         task_index     int;  instruction str;  episode_index int;  frame_index int (= t)
     """
 
-    def __init__(self, dataset: LeRobotDataset | str | os.PathLike, cfg: Any,
+    def __init__(self, dataset: LeRobotReader | str | os.PathLike, cfg: Any,
                  normalizer: Normalizer | None = None, episodes: Sequence[int] | None = None,
                  frame_cache: str = "disk", cache_dir: str | os.PathLike | None = None,
                  max_cached_episodes: int = 64, window_stride: int = 1):
-        self.dataset = dataset if isinstance(dataset, LeRobotDataset) else LeRobotDataset(dataset)
+        self.dataset = dataset if isinstance(dataset, LeRobotReader) else LeRobotReader(dataset)
         self.cfg = cfg
         ds = self.dataset
         if frame_cache not in ("disk", "memory"):
@@ -210,8 +210,9 @@ class WindowDataset(Dataset):
 
 
 def collate_windows(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a list of window dicts: tensors gain a leading batch dim, ints become int64 [B],
-    strings become list[str]."""
+    """Stack a list of sample dicts (the one collate of lwam: windows, cached windows, trainer batches):
+    tensors gain a leading batch dim, ints become int64 [B], floats float32 [B], bools bool [B], strings
+    list[str], anything else a list."""
     if not batch:
         raise ValueError("batch: expected at least one sample")
     out: dict[str, Any] = {}
@@ -219,8 +220,12 @@ def collate_windows(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         items = [b[key] for b in batch]
         if isinstance(value, torch.Tensor):
             out[key] = torch.stack(items)
+        elif isinstance(value, (bool, np.bool_)):
+            out[key] = torch.tensor(items, dtype=torch.bool)
         elif isinstance(value, (int, np.integer)):
             out[key] = torch.tensor(items, dtype=torch.int64)
+        elif isinstance(value, (float, np.floating)):
+            out[key] = torch.tensor(items, dtype=torch.float32)
         elif isinstance(value, str):
             out[key] = list(items)
         else:

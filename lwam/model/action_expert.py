@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import copy
+
 import torch
 from torch import nn
 
 from lwam.config import ActionExpertConfig
 from lwam.model.layers import GELU, gelu, sinusoid
-from lwam.modules.query_pool import LearnedQueryPooler, pool_layers
+from lwam.modules.query_pool import FoldedQueryPooling, LearnedQueryPooler, fold_for_inference, pool_layers
 
 
 class _PoolerSlot(nn.Module):
@@ -66,9 +68,10 @@ class StateFusionActionExpert(nn.Module):
         self.cfg = cfg
         self.chunk_size = chunk_size
         self.action_dim = action_dim
+        # Which pooling arithmetic runs is ImplConfig.fused_pooling, set through LightWAM.set_impl.
+        self.fused_pooling = True
         self.layer_poolers = nn.ModuleList(
-            _PoolerSlot(LearnedQueryPooler(dim, cfg.num_queries, cfg.num_heads, fused=cfg.fused_pooling))
-            for _ in range(num_layers))
+            _PoolerSlot(LearnedQueryPooler(dim, cfg.num_queries, cfg.num_heads)) for _ in range(num_layers))
         self.layer_compressors = nn.ModuleList(Compressor(dim, cfg.compress_dim) for _ in range(num_layers))
         fused = num_layers * cfg.compress_dim
         w = cfg.hidden_dim
@@ -86,7 +89,7 @@ class StateFusionActionExpert(nn.Module):
 
     def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
         """L tensors [B, S, D] -> [B, L, D], all layers in one fused launch when enabled."""
-        return pool_layers(self.poolers, states, fused=self.cfg.fused_pooling)
+        return pool_layers(self.poolers, states, fused=self.fused_pooling)
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [B, L, D] -> actions [B, H, A]."""
@@ -99,6 +102,17 @@ class StateFusionActionExpert(nn.Module):
         steps = self.step_pos_proj(code.to(z.dtype))  # [H, W]
         h = z[:, None, :] + steps[None]
         return self.output(self.output_norm(h))
+
+    def inference_copy(self, fold_pooling: bool = True) -> tuple["StateFusionActionExpert", FoldedQueryPooling | None]:
+        """A copy for a frozen policy. With ``fold_pooling``: (the copy without its poolers, which are not
+        copied, and the poolers' folded matrices computed once in fp32, :func:`fold_for_inference`);
+        otherwise (a full copy, None). Pool with the folded module, then call the copy's :meth:`head`."""
+        if not fold_pooling:
+            return copy.deepcopy(self), None
+        folded = fold_for_inference(self.poolers)
+        out = copy.deepcopy(self, {id(self.layer_poolers): None})
+        del out.layer_poolers
+        return out, folded
 
     def forward(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(states) != len(self.layer_poolers):

@@ -11,16 +11,17 @@ conditioning frame 0 always has t = 0.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lwam.config import AdapterConfig, DiTConfig, LoRAConfig
+from lwam.config import AdapterConfig, DiTConfig, ImplConfig, LoRAConfig
 from lwam.model.attention import first_frame_causal_attention, dense_attention
 from lwam.model.layers import GELU, gelu, sinusoid, upcast, upcast_dtype
-from lwam.model.lora import LoRA, linear_with_lora
+from lwam.model.lora import LoRA, linear_with_lora, merge_lora_
 from lwam.model.rope import apply_rope, rope_cos_sin, rope_freqs_complex
 
 
@@ -59,7 +60,7 @@ class SelfAttention(_Attention):
 
     def __init__(self, cfg: DiTConfig, lora: LoRAConfig | None):
         super().__init__(cfg, lora)
-        self.attn_impl = "split"
+        self.attention = ImplConfig().attention  # set by WanDiT.set_impl
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n0: int) -> torch.Tensor:
         b, s, d = x.shape
@@ -68,7 +69,7 @@ class SelfAttention(_Attention):
         k = self.norm_k(linear_with_lora(self.k, getattr(self, "lora_k", None), x)).view(b, s, h, d // h)
         v = linear_with_lora(self.v, getattr(self, "lora_v", None), x).view(b, s, h, d // h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = first_frame_causal_attention(q, k, v, n0, impl=self.attn_impl).reshape(b, s, d)
+        y = first_frame_causal_attention(q, k, v, n0, impl=self.attention).reshape(b, s, d)
         return linear_with_lora(self.o, getattr(self, "lora_o", None), y)
 
 
@@ -143,6 +144,28 @@ class DiTBlock(nn.Module):
         y = linear_with_lora(self.ffn[2], getattr(self, "ffn_lora_out", None), h)
         return _gated_add(x, y, g2, frames)
 
+    def lora_pairs(self) -> list[tuple[nn.Module, str, nn.Linear]]:
+        """(owner, LoRA attribute name, frozen linear) for every LoRA this block holds."""
+        pairs = []
+        for attn in (self.self_attn, self.cross_attn):
+            for name in ("q", "k", "v", "o"):
+                if hasattr(attn, f"lora_{name}"):
+                    pairs.append((attn, f"lora_{name}", getattr(attn, name)))
+        for name, idx in (("ffn_lora_in", 0), ("ffn_lora_out", 2)):
+            if hasattr(self, name):
+                pairs.append((self, name, self.ffn[idx]))
+        return pairs
+
+    @torch.no_grad()
+    def merge_lora_(self) -> int:
+        """Fold every LoRA into its frozen linear (``W + scale * up @ down`` in fp32) and remove it; the
+        block then computes the same function with one GEMM per target. Returns the number merged."""
+        pairs = self.lora_pairs()
+        for owner, name, linear in pairs:
+            merge_lora_(linear, getattr(owner, name))
+            delattr(owner, name)
+        return len(pairs)
+
 
 class ResidualAdapter(nn.Module):
     """h' = h + Up(GELU_tanh(Down(LN(h)))), Up zero-initialised so that a new adapter is the identity."""
@@ -209,12 +232,18 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.adapter_layers: tuple[int, ...] = tuple(adapter.layers) if adapter is not None else ()
         self.wam_adapters = nn.ModuleDict({str(l): ResidualAdapter(d, adapter) for l in self.adapter_layers})
-        # RoPE switches (lwam.model.fast): "real" = fp32 (cos, sin) tables, "complex" = the published
-        # complex128 table; ``rope_cache`` keeps the tables per (impl, grid, device) instead of rebuilding them.
-        self.rope_impl = "real"
-        self.rope_cache = False
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.impl = ImplConfig()
+        self.set_impl(self.impl)
         self._init_weights()
+
+    def set_impl(self, impl: ImplConfig) -> None:
+        """Compute attention and RoPE as ``impl`` says (see :class:`~lwam.config.ImplConfig`); the weights
+        are untouched. Block compilation is the owner's (``LightWAM.set_impl``)."""
+        self.impl = impl
+        for block in self.blocks:
+            block.self_attn.attention = impl.attention
+        self._rope_tables.clear()
 
     def _init_weights(self) -> None:
         for name, m in self.named_modules():
@@ -230,19 +259,18 @@ class WanDiT(nn.Module):
 
     # --- pieces ------------------------------------------------------------------------------
     def rope_tables(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """RoPE tables for a (F, Hp, Wp) grid: (cos, sin) [S, head_dim/2] fp32 (``rope_impl="real"``) or
-        (freqs [S, head_dim/2] complex128, None) (``"complex"``); cached when ``rope_cache``."""
-        key = (self.rope_impl, tuple(grid), str(device))
-        if self.rope_cache and key in self._rope_tables:
+        """RoPE tables for a (F, Hp, Wp) grid: (cos, sin) [S, head_dim/2] fp32 (``impl.rope == "real"``) or
+        (freqs [S, head_dim/2] complex128, None) (``"complex"``); cached when ``impl.rope_cache``."""
+        impl = self.impl
+        key = (impl.rope, tuple(grid), str(device))
+        if impl.rope_cache and key in self._rope_tables:
             return self._rope_tables[key]
         c = self.cfg
-        if self.rope_impl == "real":
+        if impl.rope == "real":
             tables = rope_cos_sin(grid, c.head_dim, c.rope_theta, device=device)
-        elif self.rope_impl == "complex":
-            tables = (rope_freqs_complex(grid, c.head_dim, c.rope_theta, device=device), None)
         else:
-            raise ValueError(f"rope_impl must be 'real' or 'complex', got {self.rope_impl!r}")
-        if self.rope_cache and not torch.is_inference_mode_enabled():  # inference tensors cannot serve autograd
+            tables = (rope_freqs_complex(grid, c.head_dim, c.rope_theta, device=device), None)
+        if impl.rope_cache and not torch.is_inference_mode_enabled():  # inference tensors cannot serve autograd
             self._rope_tables[key] = tables
         return tables
 
@@ -299,6 +327,20 @@ class WanDiT(nn.Module):
         last = len(self.blocks) - 1 if stop_after is None else stop_after
         if return_video and last != len(self.blocks) - 1:
             raise ValueError("return_video=True needs all blocks; pass stop_after=None")
+        missing = [t for t in taps if t > last]
+        if missing:
+            raise ValueError(f"taps {missing} lie after stop_after={last}")
+        x, tapped = self.run_blocks(x, e6, ctx, cos, sin, n0, taps, last)
+        video = self.unpatchify(self.head(x, e), grid) if return_video else None
+        return DiTOutput(video=video, taps=tapped)
+
+    def run_blocks(self, x: torch.Tensor, e6: torch.Tensor, ctx: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor | None, n0: int, taps: tuple[int, ...] = (), last: int | None = None
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks loop (each block, then its adapter where one sits): tokens x [B, S, D], e6
+        [B, F, 6, D] fp32, embedded context [B, Lc, D], RoPE tables -> (x after block ``last`` (default:
+        the last block), the states of ``taps`` in tap order, each [B, S, D])."""
+        last = len(self.blocks) - 1 if last is None else last
         tapped: dict[int, torch.Tensor] = {}
         for i in range(last + 1):
             x = self.blocks[i](x, e6, ctx, cos, sin, n0)
@@ -306,8 +348,23 @@ class WanDiT(nn.Module):
                 x = self.wam_adapters[str(i)](x)
             if i in taps:
                 tapped[i] = x
-        missing = [t for t in taps if t not in tapped]
-        if missing:
-            raise ValueError(f"taps {missing} lie after stop_after={last}")
-        video = self.unpatchify(self.head(x, e), grid) if return_video else None
-        return DiTOutput(video=video, taps=[tapped[t] for t in taps])
+        return x, [tapped[t] for t in taps]
+
+    def action_copy(self, last: int | None = None, merge_lora: bool = True) -> "WanDiT":
+        """A copy for the action pass, which never needs the video head nor the blocks after ``last``
+        (default: keep all): those are not copied at all. With ``merge_lora`` every block's LoRA is folded
+        into its frozen weights (:meth:`DiTBlock.merge_lora_`). The source is not modified."""
+        keep = len(self.blocks) if last is None else last + 1
+        if not 0 < keep <= len(self.blocks):
+            raise ValueError(f"last: expected a block index in [0, {len(self.blocks)}), got {last}")
+        # deepcopy's memo maps an object to its copy: mapping the dropped modules to None skips them.
+        memo = {id(self.head): None, **{id(b): None for b in list(self.blocks)[keep:]}}
+        out = copy.deepcopy(self, memo)
+        out.blocks = nn.ModuleList(list(out.blocks)[:keep])
+        del out.head
+        for block in out.blocks:  # a compiled forward (nn.Module.compile) would still call the source's
+            block._compiled_call_impl = None
+        if merge_lora:
+            for block in out.blocks:
+                block.merge_lora_()
+        return out

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lwam.config import LightWAMConfig
+from lwam.config import ImplConfig, LightWAMConfig
 from lwam.model.action_expert import StateFusionActionExpert
 from lwam.model.dit import WanDiT, dit_param_group
 from lwam.model.flow import FlowMatching
@@ -37,13 +37,28 @@ def latent_steps_is_pad(frames_is_pad: torch.Tensor, temporal_factor: int) -> to
     return torch.cat([frames_is_pad[:, :1].bool(), future], dim=1)
 
 
+def embed_text(dit: WanDiT, text_context: torch.Tensor) -> torch.Tensor:
+    """Raw text context [..., Lt, text_dim] -> embedded tokens [..., Lt, D] in the DiT's dtype."""
+    return dit.text_embedding(text_context.to(dit.text_embedding[0].weight.dtype))
+
+
+def context_from_embedded(dit: WanDiT, proprio_encoder: nn.Linear, text: torch.Tensor,
+                          proprio: torch.Tensor) -> torch.Tensor:
+    """Embedded text [B, Lt, D] + normalised proprio [B, P] -> context [B, Lt + 1, D]: the proprio token
+    through ``proprio_encoder`` and the DiT's text embedding, appended to the text tokens."""
+    tok = proprio_encoder(proprio.to(proprio_encoder.weight.dtype))[:, None]
+    return torch.cat([text, embed_text(dit, tok)], dim=1)
+
+
 def _is_trainable_dit_param(name: str) -> bool:
     """LoRA, adapters and the future-video head train when the pretrained DiT is frozen."""
     return dit_param_group(name) != "base"
 
 
 class LightWAM(nn.Module):
-    def __init__(self, cfg: LightWAMConfig, build_vae: bool = True):
+    def __init__(self, cfg: LightWAMConfig, build_vae: bool = True, impl: ImplConfig | None = None):
+        """``impl``: how to compute (default ``ImplConfig()``: the fast arithmetic, eager); change it later
+        with :meth:`set_impl`."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -54,9 +69,28 @@ class LightWAM(nn.Module):
         self.vae = WanVAE(cfg.vae) if build_vae else None
         self.flow = FlowMatching(cfg.flow)
         self.text = TextContextCache(cfg.text, make_text_encoder(cfg.text))
-        # True: the video pass downsamples with the plain F.avg_pool3d reference (lwam.model.fast switch).
-        self.reference_downsample = False
+        self.impl = impl if impl is not None else ImplConfig()
+        self.set_impl(self.impl)
         self.apply_freezing()
+
+    # --- how it computes -----------------------------------------------------------------------
+    def set_impl(self, impl: ImplConfig) -> "LightWAM":
+        """Compute as ``impl`` says (:class:`~lwam.config.ImplConfig`): the one place where the reference
+        or fast arithmetic is chosen. In place; parameters, buffers and state-dict keys are untouched.
+        ``compile_blocks`` compiles every DiT block's forward in place (``nn.Module.compile``), and
+        switching it off restores the eager forward. Returns the model."""
+        if not isinstance(impl, ImplConfig):
+            raise TypeError(f"impl: expected an ImplConfig, got {type(impl).__name__}")
+        self.impl = impl
+        self.dit.set_impl(impl)
+        self.expert.fused_pooling = impl.fused_pooling
+        for block in self.dit.blocks:
+            compiled = getattr(block, "_compiled_call_impl", None) is not None
+            if impl.compile_blocks and not compiled:
+                block.compile(dynamic=False)
+            elif not impl.compile_blocks and compiled:
+                block._compiled_call_impl = None  # back to the eager forward that nn.Module.compile wrapped
+        return self
 
     # --- what trains ---------------------------------------------------------------------------
     def apply_freezing(self) -> None:
@@ -92,6 +126,16 @@ class LightWAM(nn.Module):
         w = self.proprio_encoder.weight
         tok = self.proprio_encoder(proprio.to(w.dtype))[:, None]
         return self.dit.embed_context(torch.cat([text_context.to(w.dtype), tok], dim=1))
+
+    def embed_text(self, text_context: torch.Tensor) -> torch.Tensor:
+        """Raw text context [..., Lt, text_dim] -> embedded tokens [..., Lt, D] (param dtype): what
+        :meth:`context_from_embedded` takes, so a policy embeds each instruction once."""
+        return embed_text(self.dit, text_context)
+
+    def context_from_embedded(self, text: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
+        """Embedded text [B, Lt, D] + normalised proprio [B, P] -> context [B, Lt + 1, D]. Equals
+        :meth:`context` because the text embedding is a per-token MLP (only the proprio token is new)."""
+        return context_from_embedded(self.dit, self.proprio_encoder, text, proprio)
 
     def check_images(self, images: torch.Tensor, name: str = "images") -> None:
         f = self.cfg.vae.spatial_factor * self.cfg.dit.patch_size[1]
@@ -130,7 +174,7 @@ class LightWAM(nn.Module):
         ``steps_is_pad``: optional bool [B, F] (:func:`latent_steps_is_pad`); padded future steps are left
         out of each sample's mean, and a sample without a valid future step contributes 0."""
         b = latents.shape[0]
-        downsample = reference_latent_downsample if self.reference_downsample else latent_downsample
+        downsample = latent_downsample if self.impl.fused_downsample else reference_latent_downsample
         x0 = downsample(latents, self.cfg.train.video_downsample)
         if noise is None:
             eps = torch.randn_like(x0)
@@ -172,12 +216,13 @@ class LightWAM(nn.Module):
         # Per-sample masked mean, then the batch mean: data-parallel shards average to the same value.
         return ((se * w).sum(1) / w.sum(1).clamp_min(1.0)).mean()
 
-    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """batch: 'latents' [B, C, F, h, w] or 'video' [B, 3, T, H, W]; 'text_context' or 'instruction';
         'proprio' [B, P]; 'actions' [B, H, A]; optional 'actions_is_pad' [B, H]; optional 'frames_is_pad'
         [B, T] (raw frames past the episode end: fully padded latent steps leave the video loss); optional
         'flow_eps' and 'flow_u' (the video branch's noise, see ``video_pass``).
-        Returns (loss, metrics) with loss = w_v * video + w_a * action."""
+        Returns (loss, metrics) with loss = w_v * video + w_a * action; the metrics are detached 0-dim
+        tensors on the model's device (reading them is the caller's choice: each read syncs the host)."""
         device = self.proprio_encoder.weight.device
         if "latents" in batch:
             latents = batch["latents"].to(device).float()
@@ -213,11 +258,10 @@ class LightWAM(nn.Module):
         is_pad = batch.get("actions_is_pad")
         act_loss = self.action_loss(pred, actions, None if is_pad is None else is_pad.to(device))
         loss = tr.video_loss_weight * video_loss + tr.action_loss_weight * act_loss
-        metrics = {"loss": float(loss.detach()), "video_loss": float(video_loss.detach()),
-                   "action_loss": float(act_loss.detach()), **{k: float(v) for k, v in vm.items()}}
+        metrics = {"loss": loss.detach(), "video_loss": video_loss.detach(), "action_loss": act_loss.detach(), **vm}
         return loss, metrics
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Same as :meth:`training_loss` (so that DDP/FSDP wrappers see a forward call)."""
         return self.training_loss(batch)
 

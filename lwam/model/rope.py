@@ -1,4 +1,5 @@
-"""3D rotary position embedding of the Wan DiT, in real fp32 arithmetic.
+"""3D rotary position embedding of the Wan DiT, in real fp32 arithmetic (the complex128 reference, which
+``ImplConfig.rope == "complex"`` runs, is ``lwam.reference.rope``).
 
 head_dim d is split into frame / height / width parts of d - 4*(d//6), 2*(d//6), 2*(d//6) channels
 (128 -> 44 / 42 / 42). Channels are rotated in adjacent pairs (2i, 2i+1), the pair's angle being
@@ -9,11 +10,9 @@ from __future__ import annotations
 import torch
 
 from lwam.model.layers import upcast
+from lwam.reference.rope import apply_rope_complex, rope_freqs_complex, rope_split
 
-
-def rope_split(head_dim: int) -> tuple[int, int, int]:
-    s = head_dim // 6
-    return head_dim - 4 * s, 2 * s, 2 * s
+__all__ = ["rope_split", "rope_angles", "rope_cos_sin", "rope_freqs_complex", "apply_rope", "apply_rope_complex"]
 
 
 def _axis_angles(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
@@ -45,39 +44,12 @@ def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, theta: float = 10000
     return ang.cos(), ang.sin()
 
 
-def rope_freqs_complex(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0,
-                       device: torch.device | str | None = None) -> torch.Tensor:
-    """The published implementation's table: unit complex128 rotations [F*Hp*Wp, head_dim/2]
-    (``torch.polar`` of fp64 angles, the same arithmetic as ``lwam.reference.rope.rope_apply_complex``)."""
-    f, h, w = grid
-    parts = rope_split(head_dim)
-
-    def axis(n: int, dim: int) -> torch.Tensor:
-        inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
-        ang = torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)
-        return torch.polar(torch.ones_like(ang), ang)
-
-    ff, fh, fw = axis(f, parts[0]), axis(h, parts[1]), axis(w, parts[2])
-    return torch.cat([
-        ff[:, None, None].expand(f, h, w, -1),
-        fh[None, :, None].expand(f, h, w, -1),
-        fw[None, None, :].expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, head_dim // 2)
-
-
-def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, d] rotated by ``freqs`` [S, d/2] complex128 in complex float64; returned in x.dtype."""
-    b, s, h, d = x.shape
-    xc = torch.view_as_complex(x.double().reshape(b, s, h, d // 2, 2))
-    return torch.view_as_real(xc * freqs[None, :, None, :]).reshape(b, s, h, d).to(x.dtype)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> torch.Tensor:
     """x [B, S, H, d] rotated pairwise; computed in fp32, returned in x.dtype.
 
     ``cos``/``sin``: [S, d/2] fp32 from :func:`rope_cos_sin`. If ``cos`` is instead a complex table from
     :func:`rope_freqs_complex` (``sin`` None), the rotation runs in complex float64 (:func:`apply_rope_complex`),
-    the published implementation's arithmetic (``WanDiT.rope_impl = "complex"``)."""
+    the published implementation's arithmetic (``ImplConfig.rope == "complex"``)."""
     if cos.is_complex():
         return apply_rope_complex(x, cos)
     b, s, h, d = x.shape

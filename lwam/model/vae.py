@@ -19,6 +19,7 @@ Both give the same numbers up to floating-point rounding.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -41,6 +42,8 @@ __all__ = [
     "Resample",
     "Encoder3d",
     "Decoder3d",
+    "FrameConv2d",
+    "FrameEncoder",
     "load_wan_vae_state_dict",
     "count_parameters",
 ]
@@ -297,6 +300,79 @@ class Decoder3d(nn.Module):
         return x
 
 
+class FrameConv2d(nn.Module):
+    """A :class:`CausalConv3d` applied to a single frame [B, C, 1, H, W].
+
+    Causal padding puts ``time_pad`` zero frames before the only real frame, so only the last temporal
+    slice of the kernel touches data: the result is a 2D convolution with ``weight[:, :, -1]`` (same
+    spatial padding and stride). ``forward(x [B, C, 1, H, W], cache=None) -> [B, C', 1, H', W']``.
+    """
+
+    def __init__(self, conv: CausalConv3d):
+        super().__init__()
+        kt = conv.kernel_size[0]
+        if conv.time_pad != kt - 1 or conv.stride[0] != 1 or conv.dilation[0] != 1:
+            raise ValueError(f"FrameConv2d: unsupported causal conv (kernel {conv.kernel_size}, "
+                             f"time_pad {conv.time_pad}, stride {conv.stride})")
+        self.weight = nn.Parameter(conv.weight.detach()[:, :, -1].clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.space_pad = tuple(conv.space_pad)
+        self.stride = tuple(conv.stride[1:])
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        y = x[:, :, 0]
+        if any(self.space_pad):
+            y = F.pad(y, self.space_pad)
+        return F.conv2d(y, self.weight, self.bias, stride=self.stride)[:, :, None]
+
+
+def _frame_convs_(module: nn.Module) -> int:
+    """Replace every causal 3D conv under ``module`` by :class:`FrameConv2d`, in place. A
+    :class:`Resample` is left as it is: its spatial convs are 2D already and its temporal conv never runs
+    on a lone frame. Returns the number replaced."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, Resample):
+            continue
+        if isinstance(child, CausalConv3d):
+            setattr(module, name, FrameConv2d(child))
+            n += 1
+        else:
+            n += _frame_convs_(child)
+    return n
+
+
+class FrameEncoder(nn.Module):
+    """The encoder half of a :class:`WanVAE` for one frame: ``frame [B, 3, 1, H, W] in [-1, 1] -> z
+    [B, z_dim, 1, H/s, W/s]`` fp32, the normalised posterior mean as ``WanVAE.encode``.
+
+    ``single_frame=True`` replaces every causal 3D conv by its last temporal kernel slice
+    (:class:`FrameConv2d`; a third of the encoder FLOPs for 3x3x3 kernels, exact up to summation order).
+    Built by :meth:`WanVAE.frame_encoder`; the source VAE is not modified."""
+
+    def __init__(self, vae: "WanVAE", single_frame: bool = True):
+        super().__init__()
+        self.encoder = copy.deepcopy(vae.encoder)
+        self.conv1 = copy.deepcopy(vae.conv1)
+        self.z_dim = vae.z_dim
+        self.register_buffer("latent_mean", vae.latent_mean.detach().clone().float(), persistent=False)
+        self.register_buffer("latent_std", vae.latent_std.detach().clone().float(), persistent=False)
+        self.replaced = 0
+        if single_frame:
+            self.replaced = _frame_convs_(self)
+
+    def forward(self, frame: torch.Tensor) -> torch.Tensor:
+        x = frame.to(self.conv1.weight.dtype)
+        mean = self.conv1(self.encoder(x))[:, : self.z_dim]
+        return _normalize_latent(mean, self.latent_mean, self.latent_std).float()
+
+
+def _normalize_latent(mu: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(mu - mean) / std per channel; mu [B, C, ...], mean/std [C]."""
+    view = (1, mu.shape[1]) + (1,) * (mu.dim() - 2)
+    return (mu - mean.view(view).to(mu.dtype)) / std.view(view).to(mu.dtype)
+
+
 class VAEOutput(NamedTuple):
     """``recon`` [B, 3, T, H, W] (unclamped, for losses); ``mean``/``logvar`` [B, z_dim, T', h, w]
     (the raw, un-normalised posterior)."""
@@ -404,13 +480,16 @@ class WanVAE(nn.Module):
 
     def normalize_latent(self, mu: torch.Tensor) -> torch.Tensor:
         """(mu - latent_mean) / latent_std per channel; [B, z_dim, ...] -> same shape."""
-        view = (1, self.z_dim) + (1,) * (mu.dim() - 2)
-        return (mu - self.latent_mean.view(view).to(mu.dtype)) / self.latent_std.view(view).to(mu.dtype)
+        return _normalize_latent(mu, self.latent_mean, self.latent_std)
 
     def denormalize_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize_latent`."""
         view = (1, self.z_dim) + (1,) * (z.dim() - 2)
         return z * self.latent_std.view(view).to(z.dtype) + self.latent_mean.view(view).to(z.dtype)
+
+    def frame_encoder(self, single_frame: bool = True) -> FrameEncoder:
+        """A copy of the encoder half for one frame at a time (:class:`FrameEncoder`)."""
+        return FrameEncoder(self, single_frame)
 
     def encode(self, video: torch.Tensor, chunked: bool = True) -> torch.Tensor:
         """video [B, 3, 1 + f*k, H, W] in [-1, 1] -> normalised latent z [B, z_dim, 1 + k, H/s, W/s].
@@ -491,20 +570,15 @@ class WanVAE(nn.Module):
         return vae
 
     def _load_checked(self, state: dict[str, torch.Tensor], strict: bool = True, source: str = "state") -> None:
+        from lwam.model.weights import check_state_dict  # the one strict check (CheckpointMismatchError)
+
         own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        bad = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
-               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        problems = []
-        if bad:
-            problems.append("mis-shaped tensors: " + "; ".join(bad))
-        if strict and missing:
-            problems.append("missing tensors: " + ", ".join(missing))
-        if strict and unexpected:
-            problems.append("unexpected tensors: " + ", ".join(unexpected))
-        if problems:
-            raise ValueError(f"{source}: does not match the WanVAE layout -- " + " | ".join(problems))
+        expected = {k: tuple(v.shape) for k, v in own.items()}
+        found = state
+        if not strict:  # missing and unexpected tensors allowed; a shape mismatch never is
+            expected = {k: v for k, v in expected.items() if k in state}
+            found = {k: v for k, v in state.items() if k in own}
+        check_state_dict(expected, found, f"{source}: does not match the WanVAE layout")
         dtype = self._param_dtype()
         on_meta = any(p.is_meta for p in self.parameters())
         if on_meta:

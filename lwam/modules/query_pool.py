@@ -29,6 +29,7 @@ from lwam.ops.query_pool import query_pool, query_pool_kernel_available
 from lwam.reference.query_pool import (
     FoldedPoolerParams,
     ReferenceQueryPooler,
+    as_layers,
     fold_pooler_params,
     folded_pooler_post,
     pooler_shape,
@@ -62,14 +63,6 @@ class LearnedQueryPooler(ReferenceQueryPooler):
         return f"dim={self.dim}, num_queries={self.num_queries}, num_heads={self.num_heads}, fused={self.fused}"
 
 
-def _as_layers(xs: Sequence[Tensor] | Tensor) -> list[Tensor]:
-    if isinstance(xs, Tensor):
-        if xs.dim() != 4:
-            raise ValueError(f"xs: expected a [L, B, S, D] tensor or a sequence of [B, S, D], got {list(xs.shape)}")
-        return list(xs.unbind(0))
-    return list(xs)
-
-
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -83,7 +76,7 @@ def pool_layers(poolers: Sequence[nn.Module], xs: Sequence[Tensor] | Tensor, fus
     With ``fused`` and a usable kernel, all L layers go through one launch of ``lwam::query_pool``;
     otherwise each layer runs the reference forward.
     """
-    layers = _as_layers(xs)
+    layers = as_layers(xs)
     poolers = list(poolers)
     if len(poolers) != len(layers) or not layers:
         raise ValueError(f"pool_layers: expected one pooler per layer, got {len(poolers)} poolers "
@@ -148,7 +141,7 @@ class FoldedQueryPooling(nn.Module):
 
     def forward(self, xs: Sequence[Tensor] | Tensor) -> Tensor:
         """xs: L tensors [B, S, D] or [L, B, S, D] -> [B, L, D] (dtype of xs)."""
-        layers = _as_layers(xs)
+        layers = as_layers(xs)
         y = query_pool(layers, self.A, self.w, self.eps)                                    # [L, B, H, D]
         z = torch.einsum("lbhi,lhei->lbhe", y.to(self.v_weight.dtype), self.v_weight).flatten(2)  # [L, B, D]
         merged = torch.baddbmm(self.out_bias.unsqueeze(1), z, self.out_weight.transpose(1, 2))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lwam._logging import log_once
-from lwam.reference.query_pool import query_pool_folded_reference, query_pool_folded_stats
+from lwam.reference.query_pool import as_layers, query_pool_folded_reference, query_pool_folded_stats
 
 __all__ = ["query_pool", "query_pool_kernel_available"]
 
@@ -225,11 +225,6 @@ def query_pool(xs: Sequence[Tensor] | Tensor, A: Tensor, w: Tensor, eps: float =
     softmax-normalised); eps: the token LayerNorm eps.
     Returns y [L, B, H, D], fp32 (fp64 for fp64 inputs). Differentiable in xs, A and w.
     """
-    if isinstance(xs, Tensor):
-        if xs.dim() != 4:
-            raise ValueError(f"xs: expected a [L, B, S, D] tensor or a sequence of [B, S, D], got {list(xs.shape)}")
-        layers = list(xs.unbind(0))
-    else:
-        layers = list(xs)
+    layers = as_layers(xs)
     _check(layers, A, w)
     return torch.ops.lwam.query_pool(layers, A, w, float(eps))[0]

@@ -163,7 +163,9 @@ def folded_pooler_post(y: Tensor, p: FoldedPoolerParams) -> Tensor:
     return F.layer_norm(merged, (merged.shape[-1],), p.norm_weight, p.norm_bias, p.norm_eps)
 
 
-def _as_layers(xs: Sequence[Tensor] | Tensor) -> list[Tensor]:
+def as_layers(xs: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """A tap buffer [L, B, S, D] (viewed, never copied) or a sequence of L tensors [B, S, D] -> list of L
+    tensors [B, S, D]; the one place every pooling entry point reads its layers."""
     if isinstance(xs, Tensor):
         if xs.dim() != 4:
             raise ValueError(f"xs: expected a [L, B, S, D] tensor or a list of [B, S, D], got {list(xs.shape)}")
@@ -179,7 +181,7 @@ def query_pool_folded_stats(xs: Sequence[Tensor] | Tensor, A: Tensor, w: Tensor,
     Returns ``y`` [L, B, H, D] (dtype of xs), ``stats`` [2, L, B, S] fp32 (row mean, rstd) and
     ``lse`` [L, B, H*Q] fp32 (log-sum-exp over tokens of every logit column).
     """
-    layers = _as_layers(xs)
+    layers = as_layers(xs)
     L = len(layers)
     Q = w.shape[-1]
     HQ = A.shape[-1]
