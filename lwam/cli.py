@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lwam.bench_latency import add_bench_parser
     add_bench_parser(sub)
     from lwam.serve import add_serve_parser
-    add_serve_parser(sub)
+    add_serve_parser(sub, **fmt)
     return p
 
 

@@ -394,19 +394,24 @@ def serve_main(args) -> int:
     return rc
 
 
-def add_serve_parser(sub) -> None:
-    sv = sub.add_parser("serve", help="serve a checkpoint over websockets (openpi protocol, msgpack-numpy)")
+def add_serve_parser(sub, **parser_kwargs) -> None:
+    # the CLI's argument types: bad numbers and paths are refused before loading anything
+    from lwam.cli import existing_file, nonneg_int, positive_int
+
+    sv = sub.add_parser("serve", help="serve a checkpoint over websockets (openpi protocol, msgpack-numpy)",
+                        **parser_kwargs)
     sv.add_argument("--checkpoint", required=True, help="checkpoint directory (or a published .pt)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    sv.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed)")
+    sv.add_argument("--port", type=nonneg_int, default=DEFAULT_PORT, help="0 picks a free port (printed)")
     sv.add_argument("--api-key", help="require 'Authorization: Api-Key KEY' (default: $LWAM_API_KEY, else none)")
-    sv.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
-    sv.add_argument("--max-batch", type=int, default=8, help="samples per policy call (requests batched together)")
-    sv.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 'busy'")
-    sv.add_argument("--executed-steps", type=int, help="advertised executed steps (default: the checkpoint's)")
-    sv.add_argument("--text-cache", help="text contexts of extra instructions (safetensors or .pt)")
+    sv.add_argument("--max-message-bytes", type=positive_int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                    help="largest observation message accepted")
+    sv.add_argument("--max-batch", type=positive_int, default=8, help="samples per policy call (requests batched together)")
+    sv.add_argument("--max-queue", type=positive_int, default=64, help="queued requests before answering 'busy'")
+    sv.add_argument("--executed-steps", type=positive_int, help="advertised executed steps (default: the checkpoint's)")
+    sv.add_argument("--text-cache", type=existing_file, help="text contexts of extra instructions (safetensors or .pt)")
     sv.add_argument("--device", help="default cuda if available, else cpu")
-    sv.add_argument("--threads", type=int, help="torch intra-op threads (on a shared CPU, 1 is often fastest)")
+    sv.add_argument("--threads", type=positive_int, help="torch intra-op threads (on a shared CPU, 1 is often fastest)")
     sv.add_argument("--no-compile", action="store_true", help="the transformed Policy without torch.compile")
     sv.add_argument("--eager", action="store_true", help="serve the plain eager model (debugging)")
     sv.set_defaults(func=serve_main)
