@@ -34,3 +34,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a float tensor with NaN so that memory a kernel forgot to write fails the comparison."""
     return t.fill_(float("nan"))
+
+
+@torch.no_grad()
+def perturb_zero_inits_(model: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> torch.nn.Module:
+    """Give every zero-initialised up projection (LoRA, adapters) values drawn from ``generator`` * ``std``,
+    so that tests of a fresh model exercise every path (a zero up projection hides its branch)."""
+    for name, p in model.named_parameters():
+        if "up_proj" in name:
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model

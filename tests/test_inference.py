@@ -8,19 +8,14 @@ import torch
 from lwam.config import get_preset
 from lwam.inference import Policy, UnknownInstructionError
 from lwam.model.lightwam import LightWAM
-from lwam.testing import assert_close
+from lwam.testing import assert_close, perturb_zero_inits_
 
 INSTR = ["pick up the red cube", "open the top drawer", "push the button"]
 
 
 def _nontrivial_(model):
     """LoRA and adapter up-projections are zero-initialised; make every path count."""
-    g = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "up_proj" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return perturb_zero_inits_(model, torch.Generator().manual_seed(123))
 
 
 @pytest.fixture(scope="module")

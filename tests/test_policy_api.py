@@ -9,7 +9,7 @@ from lwam.eager import EagerPolicy
 from lwam.inference import Policy
 from lwam.model.lightwam import LightWAM
 from lwam.observation import ObservationError, from_sim_observation, observation_spec, parse_observation
-from lwam.testing import assert_close
+from lwam.testing import assert_close, perturb_zero_inits_
 
 STATS = {"observation.state": {"min": [-2.0] * 4, "max": [3.0] * 4, "mean": [0.0] * 4, "std": [1.0] * 4},
          "action": {"min": [-0.5] * 4, "max": [1.5] * 4, "mean": [0.0] * 4, "std": [1.0] * 4}}
@@ -18,13 +18,7 @@ STATS = {"observation.state": {"min": [-2.0] * 4, "max": [3.0] * 4, "mean": [0.0
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = LightWAM(get_preset("tiny")).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "up_proj" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return m
+    return perturb_zero_inits_(LightWAM(get_preset("tiny")).eval(), torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from lwam.inference import Policy  # noqa: E402
 from lwam.model.lightwam import LightWAM  # noqa: E402
 from lwam.remote import RemotePolicy, RemotePolicyError  # noqa: E402
 from lwam.serve import PolicyServer, batch_sizes_for  # noqa: E402
-from lwam.testing import assert_close  # noqa: E402
+from lwam.testing import assert_close, perturb_zero_inits_  # noqa: E402
 from lwam.wire import WireError, packb, unpackb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,10 +60,8 @@ def model():
     cfg = get_preset("tiny").replace(**{"text.encoder": "cache"})
     m = LightWAM(cfg).eval()
     g = torch.Generator().manual_seed(2)
+    perturb_zero_inits_(m, g)
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "up_proj" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
         for s in INSTRUCTIONS:
             m.text.add(s, torch.randn(cfg.text.max_tokens, cfg.text.dim, generator=g))
     return m
