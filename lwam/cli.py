@@ -345,6 +345,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from lwam.demo import DemoConfig
+    from lwam.experiment import MT10_TASKS, ExperimentConfig, run_experiment
+    from lwam.experiment_report import markdown_table, write_report
+
+    out = Path(args.out)
+    if args.report_only:
+        report = write_report(out)
+        print(markdown_table(report))
+        print(f"report: {out}/report.md")
+        return 0
+    if args.overwrite and _has_content(out):
+        _clear_dir(out)
+    dcfg = DemoConfig.quick() if args.quick else DemoConfig()
+    for name in ("episodes_per_task", "train_steps", "vae_steps", "eval_episodes"):
+        v = getattr(args, name)
+        if v is not None:
+            setattr(dcfg, name, v)
+    if args.tasks:
+        dcfg.tasks = MT10_TASKS if args.tasks == ["mt10"] else tuple(args.tasks)
+    ecfg = ExperimentConfig(demo=dcfg, seeds=tuple(args.seeds), conditions=tuple(args.conditions),
+                            blind_episodes=args.blind_episodes, jobs=args.jobs)
+    report = run_experiment(out, ecfg, progress=not args.no_progress)
+    print(markdown_table(report))
+    print(f"report: {out}/report.md (+ report.json, ablation.png)")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from lwam.config import PRESETS
@@ -446,6 +474,29 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--eval-episodes", type=positive_int, help="evaluation episodes per task (default: the demo's)")
     dm.add_argument("--no-progress", action="store_true", help="no progress bars")
     dm.set_defaults(func=_cmd_demo)
+
+    from lwam.experiment import CONDITIONS
+    ex = sub.add_parser("experiment", help="the demo over seeds x conditions (video co-training ablation, MT10), "
+                                           "resumable, with a report", **fmt)
+    ex.add_argument("--out", default="runs/experiment",
+                    help="output directory; running again into it resumes (finished runs are kept)")
+    ex.add_argument("--overwrite", action="store_true", help="delete what --out holds and start over")
+    ex.add_argument("--seeds", nargs="+", type=nonneg_int, default=[0, 1, 2], metavar="S", help="training seeds")
+    ex.add_argument("--conditions", nargs="+", default=["video", "no_video"], choices=sorted(CONDITIONS),
+                    metavar="C", help=f"conditions, the first is the reference of the paired effects "
+                                      f"({', '.join(sorted(CONDITIONS))})")
+    ex.add_argument("--tasks", nargs="+", metavar="TASK", help="Meta-World v3 tasks, or 'mt10' (default: the demo's)")
+    ex.add_argument("--episodes-per-task", type=positive_int, help="demos per task (default: the demo's)")
+    ex.add_argument("--train-steps", type=positive_int, help="policy training steps per run (default: the demo's)")
+    ex.add_argument("--vae-steps", type=positive_int, help="VAE training steps (default: the demo's)")
+    ex.add_argument("--eval-episodes", type=positive_int, help="evaluation episodes per task (default: the demo's)")
+    ex.add_argument("--blind-episodes", type=positive_int, help="blind-control episodes per task (default: as eval)")
+    ex.add_argument("--jobs", type=positive_int, default=1,
+                    help="runs trained side by side (one process and one thread each; at most the core count)")
+    ex.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")
+    ex.add_argument("--report-only", action="store_true", help="rebuild the report from the finished runs")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ex.set_defaults(func=_cmd_experiment)
 
     from lwam.bench_latency import add_bench_parser
     add_bench_parser(sub)

@@ -159,7 +159,8 @@ class Trainer:
             return self.model
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   find_unused_parameters=False)
+                   # without video co-training the video head takes no part in the loss
+                   find_unused_parameters=self.model.cfg.train.video_loss_weight == 0)
 
     def _loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         # Through the (possibly DDP-wrapped) module's forward, so that gradient hooks fire.

@@ -169,16 +169,41 @@ class MetaWorldTask:
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.size)
         self._mujoco = mujoco
         self._renderer = mujoco.Renderer(model, self.size, self.size)
+        # Layouts come from the episode seed. Meta-World's frozen reset vector cannot be used for that: a task
+        # that rejects a layout redraws in a loop in reset_model (reach, push, pick-place, ...), which spins
+        # forever on a frozen vector. Instead each reset_model call (env.reset makes two) reads the episode's
+        # seeded stream from its start, so both calls end on the same accepted layout.
+        self._layout_stream, self._layout_draws, self._layout_pos = None, [], 0
+        env._freeze_rand_vec = False
+        env._get_state_rand_vec = self._next_layout
+        env.reset_model = self._reset_model
         self._state: np.ndarray | None = None
         self.steps = 0
         self.seed: int | None = None
         _LIVE.add(self)
 
     # -- episode --------------------------------------------------------------------------
-    def _rand_vec(self, seed: int) -> np.ndarray:
+    def _rand_vecs(self, seed: int):
+        """The episode's reset vectors: the first is the episode's layout; further ones are drawn from the same
+        seeded stream only when the task rejects a layout (e.g. reach/push/pick-place redraw while the goal
+        lies within 0.15 of the object)."""
         space = self.env._random_reset_space
         rng = np.random.default_rng((int(seed), zlib.crc32(self.name.encode())))
-        return rng.uniform(space.low, space.high, size=space.low.size).astype(np.float64)
+        while True:
+            yield rng.uniform(space.low, space.high, size=space.low.size).astype(np.float64)
+
+    def _reset_model(self):
+        self._layout_pos = 0
+        return type(self.env).reset_model(self.env)
+
+    def _next_layout(self) -> np.ndarray:
+        if self._layout_stream is None:
+            raise RuntimeError("MetaWorldTask: reset the task through MetaWorldTask.reset(seed)")
+        if self._layout_pos == len(self._layout_draws):
+            self._layout_draws.append(next(self._layout_stream))
+        self.env._last_rand_vec = self._layout_draws[self._layout_pos]
+        self._layout_pos += 1
+        return self.env._last_rand_vec
 
     def reset(self, seed: int | None = None) -> dict[str, Any]:
         """Start an episode with object positions drawn from ``seed`` (default: the next seed)."""
@@ -186,8 +211,7 @@ class MetaWorldTask:
             seed = self._next_seed
         self._next_seed = int(seed) + 1
         self.seed = int(seed)
-        self.env._last_rand_vec = self._rand_vec(seed)
-        self.env._freeze_rand_vec = True
+        self._layout_stream, self._layout_draws = self._rand_vecs(seed), []
         state, _ = self.env.reset()
         self._state = state
         self.steps = 0

@@ -221,6 +221,7 @@ class LightWAM(nn.Module):
         'proprio' [B, P]; 'actions' [B, H, A]; optional 'actions_is_pad' [B, H]; optional 'frames_is_pad'
         [B, T] (raw frames past the episode end: fully padded latent steps leave the video loss); optional
         'flow_eps' and 'flow_u' (the video branch's noise, see ``video_pass``).
+        With w_v = ``train.video_loss_weight`` = 0 the video pass is skipped (its metrics are 0).
         Returns (loss, metrics) with loss = w_v * video + w_a * action; the metrics are detached 0-dim
         tensors on the model's device (reading them is the caller's choice: each read syncs the host)."""
         device = self.proprio_encoder.weight.device
@@ -253,7 +254,13 @@ class LightWAM(nn.Module):
             if steps_is_pad.shape[1] != latents.shape[2]:
                 raise ValueError(f"frames_is_pad: {tuple(batch['frames_is_pad'].shape)} covers "
                                  f"{steps_is_pad.shape[1]} latent steps, latents have {latents.shape[2]}")
-        video_loss, vm = self.video_pass(latents, ctx, noise, steps_is_pad)
+        if tr.video_loss_weight == 0:
+            # No video co-training: the video pass would contribute nothing, so it is not run at all (its
+            # head gets no gradient, the backbone learns from the action loss alone).
+            zero = latents.new_zeros(())
+            video_loss, vm = zero, {"video_mse": zero, "t_mean": zero}
+        else:
+            video_loss, vm = self.video_pass(latents, ctx, noise, steps_is_pad)
         pred = self.action_pass(latents[:, :, :1], ctx)
         is_pad = batch.get("actions_is_pad")
         act_loss = self.action_loss(pred, actions, None if is_pad is None else is_pad.to(device))
