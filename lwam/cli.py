@@ -338,6 +338,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             setattr(dcfg, name, v)
     if args.tasks:
         dcfg.tasks = tuple(args.tasks)
+    if args.seed is not None:
+        dcfg.seed = args.seed
     report = run_demo(out, dcfg, progress=not args.no_progress)
     keys = ("success", "blind_success", "mean_action_query_latency_ms", "stage_seconds", "wall_seconds")
     print(json.dumps({k: report[k] for k in keys}, indent=2))
@@ -472,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--train-steps", type=positive_int, help="policy training steps (default: the demo's)")
     dm.add_argument("--vae-steps", type=positive_int, help="VAE training steps (default: the demo's)")
     dm.add_argument("--eval-episodes", type=positive_int, help="evaluation episodes per task (default: the demo's)")
+    dm.add_argument("--seed", type=nonneg_int, help="seed of the demos, the VAE and the policy (default: 0)")
     dm.add_argument("--no-progress", action="store_true", help="no progress bars")
     dm.set_defaults(func=_cmd_demo)
 

@@ -40,6 +40,9 @@ def build_report(out: str | os.PathLike) -> dict[str, Any]:
     from lwam.experiment import CONDITIONS
 
     out = Path(out)
+    if not (out / "experiment.json").is_file() or not (out / "shared" / "shared.json").is_file():
+        raise FileNotFoundError(f"{out}: no experiment here (experiment.json and shared/shared.json are written by "
+                                f"`lwam experiment --out {out}`)")
     cfg = json.loads((out / "experiment.json").read_text())
     shared = json.loads((out / "shared" / "shared.json").read_text())
     results = load_results(out)
@@ -196,11 +199,12 @@ def write_report(out: str | os.PathLike) -> dict[str, Any]:
 
     out = Path(out)
     report = build_report(out)
-    report["figures"] = {"ablation": str(plot_ablation(report, out / "ablation.png")),
-                         "stage_times": str(plot_stage_times(
+    # Figure paths relative to ``out``, so that the report stays valid wherever the directory is copied.
+    report["figures"] = {"ablation": plot_ablation(report, out / "ablation.png").name,
+                         "stage_times": (plot_stage_times(
                              {**{f"shared:{k}": v for k, v in report["shared"]["stage_seconds"].items()},
                               **{f"{k} (mean/run)": v for k, v in report["stage_seconds_mean_per_run"].items()}},
-                             out / "stage_times.png", title="Wall time per stage"))}
+                             out / "stage_times.png", title="Wall time per stage")).name}
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", markdown(report))
     return report

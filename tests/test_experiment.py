@@ -155,7 +155,7 @@ def test_quick_experiment_grid_parallel_resume_and_refusal(tmp_path):
     assert not all(torch.equal(v, init[("video", 1)][k]) for k, v in init[("video", 0)].items())
     assert all(torch.equal(init[("video", 0)][k], init[("video", 1)][k]) for k in init[("video", 0)] if k.startswith("vae."))
     for fig in report["figures"].values():
-        assert os.path.getsize(fig) > 1000, fig
+        assert os.path.getsize(out / fig) > 1000, fig
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_*/result.json")}
     shared_mtime = (out / "shared" / "vae" / "vae.safetensors").stat().st_mtime_ns
 

@@ -233,6 +233,9 @@ def test_2_resume_with_other_vae_or_changed_file_is_refused(data, tmp_path, caps
     (["eval", "--executed-steps", "0"], "--executed-steps"), (["eval", "--max-steps", "0"], "--max-steps"),
     (["eval", "--episodes", "0"], "--episodes"), (["collect", "metaworld", "--episodes", "0"], "--episodes"),
     (["collect", "metaworld", "--size", "0"], "--size"), (["demo", "--train-steps", "0"], "--train-steps"),
+    (["demo", "--seed", "-1"], "--seed"), (["experiment", "--jobs", "0"], "--jobs"),
+    (["experiment", "--seeds", "0", "-1"], "--seeds"), (["experiment", "--conditions", "nope"], "--conditions"),
+    (["experiment", "--blind-episodes", "0"], "--blind-episodes"),
 ])
 def test_3_non_positive_numbers_are_errors_not_defaults(argv, arg, capsys, tmp_path):
     rc, err = _run([*argv, "--out", str(tmp_path / "o")] if argv[0] != "eval" else argv, capsys)
