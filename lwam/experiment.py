@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from lwam._atomic import atomic_write_json
@@ -187,6 +188,8 @@ def prepare_shared(out: Path, ecfg: ExperimentConfig, progress: bool = True, dev
     summary["vae"] = json.loads((vae_dir / "vae.json").read_text())
 
     model = _model_with_shared_vae(shared, cfg, device, seed=dcfg.seed)
+    if not (vae_dir / "reconstructions.png").exists():
+        summary["vae_psnr_per_task"] = vae_reconstructions(model.vae, windows, vae_dir / "reconstructions.png")
     t0 = time.perf_counter()
     with _num_threads(conv_threads):
         cache_latents_stage(model, windows, shared / "latents.npy", progress=progress)
@@ -194,6 +197,34 @@ def prepare_shared(out: Path, ecfg: ExperimentConfig, progress: bool = True, dev
     summary["vae_weights"] = str(vae_dir / VAE_WEIGHTS_NAME)
     atomic_write_json(summary_path, summary)
     return summary
+
+
+@torch.no_grad()
+def vae_reconstructions(vae, windows, path: Path, per_task: int = 4) -> dict[str, float]:
+    """PSNR (dB, [-1, 1] range) of the VAE's reconstruction of the first frames of ``per_task`` windows of every
+    task (spread over the episodes), and a figure of one frame per task next to its reconstruction: what the
+    policy can know about the scene is what survives this round trip."""
+    from lwam.plots import plot_reconstructions
+
+    device = next(vae.parameters()).device
+    by_task: dict[str, list[int]] = {}
+    for i in range(len(windows)):
+        ep, t = windows.locate(i)
+        if t == 0:  # one window per episode: its start
+            by_task.setdefault(windows.dataset.instruction(ep), []).append(i)
+    frames = 1 + vae.cfg.temporal_factor
+    psnr, reals, recons, titles = {}, [], [], []
+    for task, idx in by_task.items():
+        picks = [idx[k] for k in np.linspace(0, len(idx) - 1, min(per_task, len(idx))).round().astype(int)]
+        x = torch.stack([windows.get(i, video=True)["video"][:, :frames] for i in picks]).to(device)
+        r = vae.decode(vae.encode(x)).clamp(-1, 1).float()
+        mse = (r - x.float()).pow(2).mean().item()
+        psnr[task] = round(10 * float(np.log10(4.0 / max(mse, 1e-12))), 2)
+        reals.append(x[0, :, 0].cpu())
+        recons.append(r[0, :, 0].cpu())
+        titles.append(f"{task[:28]}\n{psnr[task]:.1f} dB")
+    plot_reconstructions(torch.stack(reals), torch.stack(recons), path, titles)
+    return psnr
 
 
 def _model_with_shared_vae(shared: Path, cfg, device: str, seed: int):

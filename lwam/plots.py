@@ -86,3 +86,26 @@ def plot_stage_times(times: dict[str, float], out: str | os.PathLike, title: str
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return Path(out)
+
+
+def plot_reconstructions(real: torch.Tensor, recon: torch.Tensor, out: str | os.PathLike,
+                         titles: list[str] | None = None) -> Path:
+    """real, recon: [N, 3, H, W] in [-1, 1]. One row per sample: the frame, then its VAE reconstruction."""
+    plt = _plt()
+    n = real.shape[0]
+    aspect = real.shape[3] / real.shape[2]
+    fig, axes = plt.subplots(n, 2, figsize=(2 * 1.7 * aspect, 1.7 * n), squeeze=False)
+    for i in range(n):
+        for j, (src, name) in enumerate(((real, "frame"), (recon, "VAE reconstruction"))):
+            ax = axes[i][j]
+            ax.imshow(_to_img(src[i]))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0 and titles is not None:
+                ax.set_ylabel(titles[i], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
