@@ -84,6 +84,20 @@ class _Stages:
         return _Ctx()
 
 
+def demo_model_config(dcfg: DemoConfig, seed: int | None = None, overrides: dict[str, Any] | None = None):
+    """The tiny preset with the demo's training budgets; ``seed`` (default ``dcfg.seed``) seeds training,
+    ``overrides`` ("section.field": value) come last."""
+    cfg = get_preset("tiny").replace(**{"train.max_steps": dcfg.train_steps, "train.batch_size": dcfg.batch_size,
+                                        "train.lr": dcfg.lr, "train.seed": dcfg.seed if seed is None else seed,
+                                        "train.save_every": max(1, dcfg.train_steps // 3),
+                                        "train.warmup_steps": min(100, max(1, dcfg.train_steps // 10)),
+                                        "data.executed_steps": dcfg.executed_steps, **dcfg.overrides})
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    cfg.validate()
+    return cfg
+
+
 def run_demo(out_dir: str | Path, dcfg: DemoConfig | None = None, progress: bool = True,
              device: str | None = None) -> dict[str, Any]:
     """Run every stage into ``out_dir``; returns the report (also written to ``out_dir/report.json``)."""
@@ -108,12 +122,7 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
     stage = _Stages()
     t_start = time.perf_counter()
 
-    cfg = get_preset("tiny").replace(**{"train.max_steps": dcfg.train_steps, "train.batch_size": dcfg.batch_size,
-                                        "train.lr": dcfg.lr, "train.seed": dcfg.seed,
-                                        "train.save_every": max(1, dcfg.train_steps // 3),
-                                        "train.warmup_steps": min(100, max(1, dcfg.train_steps // 10)),
-                                        "data.executed_steps": dcfg.executed_steps, **dcfg.overrides})
-    cfg.validate()
+    cfg = demo_model_config(dcfg)
 
     with stage("collect"):
         col = collect_demos(list(dcfg.tasks), dcfg.episodes_per_task, out / "dataset", cameras=cfg.data.cameras,

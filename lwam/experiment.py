@@ -36,7 +36,7 @@ import torch
 from lwam._atomic import atomic_write_json
 from lwam._env import environment
 from lwam._logging import logger
-from lwam.demo import DemoConfig, _num_threads
+from lwam.demo import DemoConfig, _num_threads, demo_model_config
 
 #: The ten Meta-World MT10 tasks (metaworld.MT10's training classes, v3 names).
 MT10_TASKS: tuple[str, ...] = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
@@ -117,18 +117,8 @@ def _same_runs(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def base_config(dcfg: DemoConfig, seed: int, overrides: dict[str, Any] | None = None):
-    """The tiny preset with the demo's training budgets (exactly as ``lwam demo`` builds it), for one seed."""
-    from lwam.config import get_preset
-
-    cfg = get_preset("tiny").replace(**{"train.max_steps": dcfg.train_steps, "train.batch_size": dcfg.batch_size,
-                                        "train.lr": dcfg.lr, "train.seed": seed,
-                                        "train.save_every": max(1, dcfg.train_steps // 3),
-                                        "train.warmup_steps": min(100, max(1, dcfg.train_steps // 10)),
-                                        "data.executed_steps": dcfg.executed_steps, **dcfg.overrides})
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    cfg.validate()
-    return cfg
+    """The model config of a run: exactly the one ``lwam demo`` trains, for training seed ``seed``."""
+    return demo_model_config(dcfg, seed, overrides)
 
 
 def run_config(dcfg: DemoConfig, condition: str, seed: int):
