@@ -322,8 +322,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_config(args: argparse.Namespace):
+    """The DemoConfig of `lwam demo` / `lwam experiment`: --quick budgets or the defaults, then the options."""
+    from lwam.demo import DemoConfig
+    from lwam.experiment import MT10_TASKS
+
+    dcfg = DemoConfig.quick() if args.quick else DemoConfig()
+    for name in ("episodes_per_task", "train_steps", "vae_steps", "eval_episodes"):
+        v = getattr(args, name)
+        if v is not None:
+            setattr(dcfg, name, v)
+    if args.tasks:
+        dcfg.tasks = MT10_TASKS if args.tasks == ["mt10"] else tuple(args.tasks)
+    return dcfg
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lwam.demo import DemoConfig, run_demo
+    from lwam.demo import run_demo
 
     out = Path(args.out)
     if _has_content(out):
@@ -331,13 +346,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise FileExistsError(f"--out {out}: exists and is not empty; pass --overwrite to replace it, or "
                                   f"choose another directory")
         _clear_dir(out)
-    dcfg = DemoConfig.quick() if args.quick else DemoConfig()
-    for name in ("episodes_per_task", "train_steps", "vae_steps", "eval_episodes"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(dcfg, name, v)
-    if args.tasks:
-        dcfg.tasks = tuple(args.tasks)
+    dcfg = _demo_config(args)
     if args.seed is not None:
         dcfg.seed = args.seed
     report = run_demo(out, dcfg, progress=not args.no_progress)
@@ -348,8 +357,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from lwam.demo import DemoConfig
-    from lwam.experiment import MT10_TASKS, ExperimentConfig, run_experiment
+    from lwam.experiment import ExperimentConfig, run_experiment
     from lwam.experiment_report import markdown_table, write_report
 
     out = Path(args.out)
@@ -360,13 +368,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         return 0
     if args.overwrite and _has_content(out):
         _clear_dir(out)
-    dcfg = DemoConfig.quick() if args.quick else DemoConfig()
-    for name in ("episodes_per_task", "train_steps", "vae_steps", "eval_episodes"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(dcfg, name, v)
-    if args.tasks:
-        dcfg.tasks = MT10_TASKS if args.tasks == ["mt10"] else tuple(args.tasks)
+    dcfg = _demo_config(args)
     ecfg = ExperimentConfig(demo=dcfg, seeds=tuple(args.seeds), conditions=tuple(args.conditions),
                             blind_episodes=args.blind_episodes, jobs=args.jobs)
     report = run_experiment(out, ecfg, progress=not args.no_progress)
@@ -469,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="runs/demo", help="output directory")
     dm.add_argument("--overwrite", action="store_true", help="replace what an earlier demo left in --out")
     dm.add_argument("--quick", action="store_true", help="minutes-long smoke variant (CI)")
-    dm.add_argument("--tasks", nargs="+", metavar="TASK", help="Meta-World v3 tasks (default: the demo's two)")
+    dm.add_argument("--tasks", nargs="+", metavar="TASK", help="Meta-World v3 tasks, or 'mt10' (default: the demo's two)")
     dm.add_argument("--episodes-per-task", type=positive_int, help="demos per task (default: the demo's)")
     dm.add_argument("--train-steps", type=positive_int, help="policy training steps (default: the demo's)")
     dm.add_argument("--vae-steps", type=positive_int, help="VAE training steps (default: the demo's)")
