@@ -99,7 +99,7 @@ def build_report(out: str | os.PathLike) -> dict[str, Any]:
                       "final_video_loss": r["train"]["final"].get("video_loss"),
                       "stage_seconds": r["stage_seconds"]} for r in results],
         "shared": {"demos": shared["demos"], "windows": shared["windows"], "vae": shared["vae"],
-                   "stage_seconds": stage_seconds},
+                   "vae_psnr_per_task": shared.get("vae_psnr_per_task"), "stage_seconds": stage_seconds},
         "stage_seconds_mean_per_run": {k: round(float(np.mean(v)), 2) for k, v in per_run.items()},
         "wall_seconds_total": round(sum(stage_seconds.values()) + sum(sum(r["stage_seconds"].values())
                                                                       for r in results), 2),
@@ -135,6 +135,13 @@ def markdown(report: dict[str, Any]) -> str:
                     + ", ".join(f"{100 * x:+.0f}" for x in v["values"]) + ")"
                     for k, v in report["paired_effects"].items()) or "- (one condition only)"
     shared_t = ", ".join(f"{k} {v:.0f} s" for k, v in report["shared"]["stage_seconds"].items())
+    vae = report["shared"]["vae"]
+    per_task = report["shared"].get("vae_psnr_per_task") or {}
+    vae_line = (f"VAE ({vae.get('steps')} steps, shared by every run): reconstruction PSNR {vae.get('psnr', 0):.1f} dB "
+                f"on training clips" + (" (first frames per task: " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in per_task.items()) + " dB; vae_reconstructions.png)" if per_task else "")
+                + f". Demonstrations: {sum(report['shared']['demos'].get('episodes', {}).values())} episodes, "
+                  f"{report['shared']['windows']} training windows.")
     run_t = ", ".join(f"{k} {v:.0f} s" for k, v in report["stage_seconds_mean_per_run"].items())
     return "\n".join([
         "# lwam experiment report", "",
@@ -144,6 +151,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"(each seed's value).", "",
         markdown_table(report), "",
         "Paired effect on the mean over tasks (same seed = same initial weights and data order):", "", eff, "",
+        vae_line, "",
         f"Shared stages: {shared_t}. Mean per run: {run_t}. Total: {report['wall_seconds_total']:.0f} s of stage "
         f"time.", "",
         f"Machine: {report['device_name']}, {report['cpu_count']} logical CPUs, torch {report['torch']}, "
@@ -185,8 +193,7 @@ def plot_ablation(report: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(f"Closed-loop success on unseen episodes ({report['eval_episodes_per_task']} per task and seed)\n"
                  f"bars: mean over {n} seed{'s' if n > 1 else ''}; dots: each seed; hatched: blind control",
                  fontsize=8)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22 if len(groups) > 4 else -0.12),
-              ncol=min(4, len(names)), frameon=False)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
