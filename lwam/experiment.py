@@ -262,7 +262,7 @@ def _run_one(out: Path, d: Path, ecfg: ExperimentConfig, condition: str, seed: i
     dcfg = ecfg.demo
     shared = out / "shared"
     d.mkdir(parents=True, exist_ok=True)
-    env = environment(device)  # at the start: the commit whose code this run imported
+    started = environment(device)  # at the start: the commit whose code this run imported
     times: dict[str, float] = {}
     cfg = run_config(dcfg, condition, seed)
     windows, stats = make_windows(shared / "dataset", cfg, window_stride=dcfg.window_stride, progress=False)
@@ -307,7 +307,7 @@ def _run_one(out: Path, d: Path, ecfg: ExperimentConfig, condition: str, seed: i
         "stage_seconds": times,
         "overrides": CONDITIONS[condition].overrides(base_config(dcfg, seed)),
         "impl": trainer.impl.to_dict(),
-        **env,
+        **started,
     }
     # The step checkpoints served only to resume this run; the final checkpoint stays.
     shutil.rmtree(d / "train" / "checkpoints", ignore_errors=True)
