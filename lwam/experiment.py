@@ -116,15 +116,10 @@ def _same_runs(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return key(a) == key(b)
 
 
-def base_config(dcfg: DemoConfig, seed: int, overrides: dict[str, Any] | None = None):
-    """The model config of a run: exactly the one ``lwam demo`` trains, for training seed ``seed``."""
-    return demo_model_config(dcfg, seed, overrides)
-
-
 def run_config(dcfg: DemoConfig, condition: str, seed: int):
     """The training config of run (condition, seed)."""
-    base = base_config(dcfg, seed)
-    return base_config(dcfg, seed, CONDITIONS[condition].overrides(base))
+    base = demo_model_config(dcfg, seed)
+    return demo_model_config(dcfg, seed, CONDITIONS[condition].overrides(base))
 
 
 # --- shared stage ------------------------------------------------------------------------------------------
@@ -142,7 +137,7 @@ def prepare_shared(out: Path, ecfg: ExperimentConfig, progress: bool = True, dev
     summary_path = shared / "shared.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {"stage_seconds": {}}
     times = summary["stage_seconds"]
-    cfg = base_config(dcfg, dcfg.seed)
+    cfg = demo_model_config(dcfg, dcfg.seed)
     conv_threads = (dcfg.conv_threads or os.cpu_count()) if device == "cpu" else None
 
     collect_json = shared / "collect.json"
@@ -305,7 +300,7 @@ def _run_one(out: Path, d: Path, ecfg: ExperimentConfig, condition: str, seed: i
         "query_latency_ms": ev["query_latency_ms"],
         "train": {"steps": tr["step"], "steps_per_s": tr["steps_per_s"], "final": tr["metrics"]},
         "stage_seconds": times,
-        "overrides": CONDITIONS[condition].overrides(base_config(dcfg, seed)),
+        "overrides": CONDITIONS[condition].overrides(demo_model_config(dcfg, seed)),
         "impl": trainer.impl.to_dict(),
         **started,
     }
