@@ -171,9 +171,9 @@ class MetaWorldTask:
         self._renderer = mujoco.Renderer(model, self.size, self.size)
         # Layouts come from the episode seed. Meta-World's frozen reset vector cannot be used for that: a task
         # that rejects a layout redraws in a loop in reset_model (reach, push, pick-place, ...), which spins
-        # forever on a frozen vector. Instead each reset_model call (env.reset makes two) reads the episode's
-        # seeded stream from its start, so both calls end on the same accepted layout.
-        self._layout_stream, self._layout_draws, self._layout_pos = None, [], 0
+        # forever on a frozen vector. Instead each reset_model call (env.reset makes two) restarts the episode's
+        # seeded stream, so both calls end on the same accepted layout.
+        self._layout_stream = None
         env._freeze_rand_vec = False
         env._get_state_rand_vec = self._next_layout
         env.reset_model = self._reset_model
@@ -193,16 +193,13 @@ class MetaWorldTask:
             yield rng.uniform(space.low, space.high, size=space.low.size).astype(np.float64)
 
     def _reset_model(self):
-        self._layout_pos = 0
+        if self.seed is None:
+            raise RuntimeError("MetaWorldTask: reset the task through MetaWorldTask.reset(seed)")
+        self._layout_stream = self._rand_vecs(self.seed)
         return type(self.env).reset_model(self.env)
 
     def _next_layout(self) -> np.ndarray:
-        if self._layout_stream is None:
-            raise RuntimeError("MetaWorldTask: reset the task through MetaWorldTask.reset(seed)")
-        if self._layout_pos == len(self._layout_draws):
-            self._layout_draws.append(next(self._layout_stream))
-        self.env._last_rand_vec = self._layout_draws[self._layout_pos]
-        self._layout_pos += 1
+        self.env._last_rand_vec = next(self._layout_stream)
         return self.env._last_rand_vec
 
     def reset(self, seed: int | None = None) -> dict[str, Any]:
@@ -211,7 +208,6 @@ class MetaWorldTask:
             seed = self._next_seed
         self._next_seed = int(seed) + 1
         self.seed = int(seed)
-        self._layout_stream, self._layout_draws = self._rand_vecs(seed), []
         state, _ = self.env.reset()
         self._state = state
         self.steps = 0
