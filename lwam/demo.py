@@ -98,6 +98,20 @@ def demo_model_config(dcfg: DemoConfig, seed: int | None = None, overrides: dict
     return cfg
 
 
+def sim_policy(model, stats: dict, task: str, device: str):
+    """The model's Policy (:func:`lwam.pipeline.make_policy`), warmed up (compiled) on a real observation of
+    ``task``, so that an evaluation's query latency is the steady-state one."""
+    from lwam.envs.metaworld import MetaWorldTask
+    from lwam.observation import from_sim_observation
+    from lwam.pipeline import make_policy
+
+    policy = make_policy(model, stats, device=device)
+    cfg = model.cfg.data
+    with MetaWorldTask(task, cameras=cfg.cameras, size=cfg.image_height) as env:
+        policy.predict_action_chunk(from_sim_observation(env.reset(seed=0)))
+    return policy
+
+
 def run_demo(out_dir: str | Path, dcfg: DemoConfig | None = None, progress: bool = True,
              device: str | None = None) -> dict[str, Any]:
     """Run every stage into ``out_dir``; returns the report (also written to ``out_dir/report.json``)."""
@@ -113,7 +127,7 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
     from lwam.envs.evaluate import evaluate
     from lwam.envs.metaworld import collect_demos
     from lwam.model.lightwam import LightWAM
-    from lwam.pipeline import cache_latents_stage, make_policy, make_windows, train_vae_stage
+    from lwam.pipeline import cache_latents_stage, make_windows, train_vae_stage
     from lwam.plots import plot_stage_times, plot_success
     from lwam.train import Trainer
 
@@ -146,13 +160,7 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
         frames_png = _future_frames_figure(model, windows, train_set, out / "future_frames.png")
 
     with stage("build_policy"):
-        # Build and warm up (compile) the policy on a real observation, so that the evaluation's
-        # query latency is the steady-state one.
-        from lwam.envs.metaworld import MetaWorldTask
-        policy = make_policy(model, stats, device=device)
-        with MetaWorldTask(dcfg.tasks[0], cameras=cfg.data.cameras, size=cfg.data.image_height) as env:
-            from lwam.observation import from_sim_observation
-            policy.predict_action_chunk(from_sim_observation(env.reset(seed=0)))
+        policy = sim_policy(model, stats, dcfg.tasks[0], device)
     results: dict[str, Any] = {}
     with stage("eval"):
         results["policy"] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes, executed_steps=dcfg.executed_steps,

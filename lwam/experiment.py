@@ -36,7 +36,7 @@ import torch
 from lwam._atomic import atomic_write_json
 from lwam._env import environment
 from lwam._logging import logger
-from lwam.demo import DemoConfig, _num_threads, demo_model_config
+from lwam.demo import DemoConfig, _num_threads, demo_model_config, sim_policy
 
 #: The ten Meta-World MT10 tasks (metaworld.MT10's training classes, v3 names).
 MT10_TASKS: tuple[str, ...] = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
@@ -249,9 +249,7 @@ def _run_one(out: Path, d: Path, ecfg: ExperimentConfig, condition: str, seed: i
              progress: bool) -> dict[str, Any]:
     from lwam.checkpoint import save_checkpoint
     from lwam.envs.evaluate import evaluate
-    from lwam.envs.metaworld import MetaWorldTask
-    from lwam.observation import from_sim_observation
-    from lwam.pipeline import cache_latents_stage, make_policy, make_windows
+    from lwam.pipeline import cache_latents_stage, make_windows
     from lwam.train import Trainer
 
     dcfg = ecfg.demo
@@ -271,9 +269,7 @@ def _run_one(out: Path, d: Path, ecfg: ExperimentConfig, condition: str, seed: i
     save_checkpoint(model, d / "checkpoint", stats=stats)
 
     t0 = time.perf_counter()
-    policy = make_policy(model, stats, device=device)
-    with MetaWorldTask(dcfg.tasks[0], cameras=cfg.data.cameras, size=cfg.data.image_height) as env:
-        policy.predict_action_chunk(from_sim_observation(env.reset(seed=0)))
+    policy = sim_policy(model, stats, dcfg.tasks[0], device)
     times["build_policy"] = round(time.perf_counter() - t0, 2)
     common = dict(executed_steps=dcfg.executed_steps, max_steps=dcfg.max_steps, progress=progress,
                   cameras=cfg.data.cameras, size=cfg.data.image_height)
