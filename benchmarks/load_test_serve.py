@@ -8,7 +8,7 @@ request latency (client side, round trip), throughput, the mean batch the server
 throughput gain of batching (max-batch > 1 over max-batch 1).
 
 The clients are the real ``openpi-client`` (tests/openpi_driver.py run with --openpi-python, default
-$LWAM_OPENPI_PYTHON or .venv-openpi) when that environment exists, else lwam.remote.RemotePolicy.
+$LWAM_OPENPI_PYTHON or .venv-openpi) when that environment exists, else lwam.policy.remote.RemotePolicy.
 
     python benchmarks/load_test_serve.py [--checkpoint DIR] [--clients 8] [--requests 100] [--max-batch 1 8]
                                          [--no-compile] [--json benchmarks/results/serve_load.json]
@@ -77,8 +77,8 @@ def start_server(checkpoint: str, max_batch: int, compile: bool, threads: int | 
 
 
 def own_clients(url: str, clients: int, requests: int, prompt: str, deadline: float) -> dict:
-    """The same load with lwam.remote.RemotePolicy (when no openpi-client environment exists)."""
-    from lwam.remote import RemotePolicy
+    """The same load with lwam.policy.remote.RemotePolicy (when no openpi-client environment exists)."""
+    from lwam.policy.remote import RemotePolicy
 
     results, lock, barrier = [], threading.Lock(), threading.Barrier(clients)
     t_end = time.monotonic() + deadline
@@ -154,7 +154,7 @@ def main() -> int:
             tail, _ = proc.communicate(timeout=120)
         run = {"max_batch": mb, "startup_s": round(startup_s, 1), "server_rss_mib_before": round(rss0, 1),
                "server_rss_mib_after": round(rss1, 1), "exit_code": proc.returncode,
-               "client": "openpi-client" if use_openpi else "lwam.remote", **res}
+               "client": "openpi-client" if use_openpi else "lwam.policy.remote", **res}
         runs.append(run)
         print(f"max-batch {mb}: {res['answered']}/{args.clients * args.requests} answered, "
               f"{len(res['errors'])} errors, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "

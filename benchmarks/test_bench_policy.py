@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lwam.config import get_preset
-from lwam.inference import Policy
+from lwam.policy.compiled import Policy
 from lwam.model.lightwam import LightWAM
 from lwam.testing import assert_close
 

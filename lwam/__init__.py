@@ -15,7 +15,8 @@ from lwam.config import ImplConfig, LightWAMConfig, get_preset  # noqa: E402  (l
 
 _LAZY = lazy_names({
     "lwam.model.lightwam": ("LightWAM",),
-    "lwam.inference": ("Policy",),
+    "lwam.policy.compiled": ("Policy",),
+    "lwam.policy.loading": ("load_policy",),
     "lwam.train": ("Trainer",),
     "lwam.checkpoint": ("save_checkpoint", "load_checkpoint"),
     "lwam.model.text": ("TextContextCache", "build_text_cache"),

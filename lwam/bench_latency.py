@@ -3,7 +3,7 @@
 Measures, for batch ``B`` at the preset's image size:
 
 * the whole query (CPU observation in -> CPU actions out, transfers included) of the eager model
-  (``LightWAM.predict_actions``) and of :class:`lwam.inference.Policy` (``predict_batch``);
+  (``LightWAM.predict_actions``) and of :class:`lwam.policy.compiled.Policy` (``predict_batch``);
 * each stage -- VAE encode, context (text lookup + proprio token + embedding), backbone (up to the last
   tapped layer), expert (pooling + head) -- for both. The Policy's stages are its transformed modules,
   each compiled on its own when the policy compiles on CUDA, else run eagerly (stated in the output);
@@ -165,7 +165,7 @@ def run_latency(preset: str | None = None, checkpoint: str | None = None, device
     if threads:
         torch.set_num_threads(threads)
     from lwam.config import get_preset
-    from lwam.inference import Policy
+    from lwam.policy.compiled import Policy
     from lwam.model.lightwam import LightWAM
 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,76 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from lwam import __version__
+from lwam._argtypes import (checkpoint_dir, dataset_dir, existing_dir, existing_file, nonneg_int,
+                            positive_float, positive_int)
 
 EXIT_ERROR = 2
 DEFAULT_TASKS = ["button-press-topdown-v3", "drawer-open-v3"]
-
-
-# --- argument types (argparse turns their ArgumentTypeError into "argument --x: ...", exit 2) ---------
-def _int_at_least(lo: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-    parse.__name__ = f"int>={lo}"
-    return parse
-
-
-positive_int = _int_at_least(1)
-nonneg_int = _int_at_least(0)
-
-
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
-    return v
-
-
-def existing_file(s: str) -> str:
-    p = Path(s)
-    if not p.exists():
-        raise argparse.ArgumentTypeError(f"no such file: {s}")
-    if not p.is_file():
-        raise argparse.ArgumentTypeError(f"not a file: {s}")
-    return s
-
-
-def existing_dir(s: str) -> str:
-    p = Path(s)
-    if not p.exists():
-        raise argparse.ArgumentTypeError(f"no such directory: {s}")
-    if not p.is_dir():
-        raise argparse.ArgumentTypeError(f"not a directory: {s}")
-    return s
-
-
-def dataset_dir(s: str) -> str:
-    existing_dir(s)
-    if not (Path(s) / "meta" / "info.json").is_file():
-        raise argparse.ArgumentTypeError(f"not a LeRobot dataset (no meta/info.json): {s}")
-    return s
-
-
-def checkpoint_dir(s: str) -> str:
-    existing_dir(s)
-    if not (Path(s) / "config.json").is_file():
-        raise argparse.ArgumentTypeError(f"not an lwam checkpoint directory (no config.json): {s}")
-    return s
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -291,7 +232,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if bool(args.checkpoint) == bool(args.server):
         raise ValueError("lwam eval needs exactly one of --checkpoint DIR and --server ws://HOST:PORT")
     if args.server:
-        from lwam.remote import RemotePolicy
+        from lwam.policy.remote import RemotePolicy
 
         policy = RemotePolicy(args.server, api_key=args.api_key or os.environ.get("LWAM_API_KEY"))
         spec = policy.metadata["observation_spec"]
@@ -300,13 +241,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         executed, chunk = policy.executed_steps, int(policy.metadata["chunk_size"])
     else:
         from lwam.checkpoint import load_checkpoint
-        from lwam.pipeline import make_policy
+        from lwam.policy.loading import load_policy
 
         model, stats = load_checkpoint(args.checkpoint)
         if stats is None:
             raise ValueError(f"--checkpoint {args.checkpoint}: no stats.json (normalisation statistics); cannot "
                              f"de-normalise actions")
-        policy = make_policy(model, stats, eager=args.eager)
+        policy = load_policy(model, stats, device="cpu", eager=args.eager)
         cameras, size, executed = model.cfg.data.cameras, model.cfg.data.image_height, model.cfg.data.executed_steps
         chunk = model.cfg.chunk_size
     executed = args.executed_steps or executed
@@ -463,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--blind", action="store_true", help="also run the blind-vision control")
     ev.add_argument("--videos", help="directory for rollout videos")
     ev.add_argument("--eager", action="store_true",
-                    help="use lwam.eager.EagerPolicy (the plain model) instead of the compiled Policy")
+                    help="use lwam.policy.eager.EagerPolicy (the plain model) instead of the compiled Policy")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_eval)
 
@@ -505,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lwam.bench_latency import add_bench_parser
     add_bench_parser(sub)
-    from lwam.serve import add_serve_parser
+    from lwam.serving.server import add_serve_parser
     add_serve_parser(sub, **fmt)
     return p
 

@@ -99,13 +99,13 @@ def demo_model_config(dcfg: DemoConfig, seed: int | None = None, overrides: dict
 
 
 def sim_policy(model, stats: dict, task: str, device: str):
-    """The model's Policy (:func:`lwam.pipeline.make_policy`), warmed up (compiled) on a real observation of
+    """The model's Policy (:func:`lwam.policy.loading.load_policy`), warmed up (compiled) on a real observation of
     ``task``, so that an evaluation's query latency is the steady-state one."""
     from lwam.envs.metaworld import MetaWorldTask
-    from lwam.observation import from_sim_observation
-    from lwam.pipeline import make_policy
+    from lwam.policy.observation import from_sim_observation
+    from lwam.policy.loading import load_policy
 
-    policy = make_policy(model, stats, device=device)
+    policy = load_policy(model, stats, device=device)
     cfg = model.cfg.data
     with MetaWorldTask(task, cameras=cfg.cameras, size=cfg.image_height) as env:
         policy.predict_action_chunk(from_sim_observation(env.reset(seed=0)))

@@ -434,7 +434,7 @@ def test_6_evaluation_latency_excludes_the_warm_up_call(monkeypatch):
 # --- 7. Policy and model inputs ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def policy_and_model():
-    from lwam.inference import Policy
+    from lwam.policy.compiled import Policy
     from lwam.model.lightwam import LightWAM
 
     torch.manual_seed(0)
@@ -485,7 +485,7 @@ def test_7_model_rejects_wrong_images_instruction_count_and_uint8_video(policy_a
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
 def test_7_cuda_device_without_cuda_is_a_clear_error(policy_and_model, tmp_path):
     from lwam.checkpoint import save_checkpoint
-    from lwam.inference import Policy
+    from lwam.policy.compiled import Policy
 
     _, model = policy_and_model
     with pytest.raises(ValueError, match="device: 'cuda' requested but CUDA is not available"):

@@ -243,7 +243,7 @@ def _policy_actions(fast, T: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", list(POLICY_CASES))
 def test_policy_path(golden, policy_model, case):
-    from lwam.inference import Policy
+    from lwam.policy.compiled import Policy
 
     policy = Policy.from_model(policy_model, device="cpu", compile=False, **POLICY_CASES[case])
     with torch.no_grad():
@@ -252,7 +252,7 @@ def test_policy_path(golden, policy_model, case):
 
 
 def test_policy_path_compiled(golden, policy_model):
-    from lwam.inference import Policy
+    from lwam.policy.compiled import Policy
 
     fast = Policy.from_model(policy_model, device="cpu", compile=False).fast
     T = golden

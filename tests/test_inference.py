@@ -1,4 +1,4 @@
-"""lwam.inference.Policy against the eager LightWAM.predict_actions (tiny preset, CPU; GPU tests marked)."""
+"""lwam.policy.compiled.Policy against the eager LightWAM.predict_actions (tiny preset, CPU; GPU tests marked)."""
 import copy
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lwam.config import get_preset
-from lwam.inference import Policy, UnknownInstructionError
+from lwam.errors import UnknownInstructionError
+from lwam.policy.compiled import Policy
 from lwam.model.lightwam import LightWAM
 from lwam.testing import assert_close, perturb_zero_inits_
 
@@ -301,7 +302,7 @@ def test_policy_from_a_model_with_compiled_blocks_copies_eager_blocks(model):
 # ------------------------------------------------------------------------ one capture, owned outputs
 def test_self_capturing_compile_mode_is_translated_under_policy_capture():
     from lwam._logging import _seen
-    from lwam.inference import SELF_CAPTURING_COMPILE_MODES, single_capture_mode
+    from lwam.policy.compiled import SELF_CAPTURING_COMPILE_MODES, single_capture_mode
 
     assert single_capture_mode("reduce-overhead", policy_captures=True) is None
     assert "policy.compile-mode.reduce-overhead" in _seen

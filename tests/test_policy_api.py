@@ -1,14 +1,14 @@
-"""The robot-facing Policy API (lwam.observation, Policy.predict_action_chunk / select_action / reset) and its
-eager counterpart lwam.eager.EagerPolicy; make_policy's one documented fallback (tiny preset, CPU)."""
+"""The robot-facing Policy API (lwam.policy.observation, Policy.predict_action_chunk / select_action / reset) and its
+eager counterpart lwam.policy.eager.EagerPolicy; load_policy's one documented fallback (tiny preset, CPU)."""
 import numpy as np
 import pytest
 import torch
 
 from lwam.config import get_preset
-from lwam.eager import EagerPolicy
-from lwam.inference import Policy
+from lwam.policy.eager import EagerPolicy
+from lwam.policy.compiled import Policy
 from lwam.model.lightwam import LightWAM
-from lwam.observation import ObservationError, from_sim_observation, observation_spec, parse_observation
+from lwam.policy.observation import ObservationError, from_sim_observation, observation_spec, parse_observation
 from lwam.testing import assert_close, perturb_zero_inits_
 
 STATS = {"observation.state": {"min": [-2.0] * 4, "max": [3.0] * 4, "mean": [0.0] * 4, "std": [1.0] * 4},
@@ -148,13 +148,13 @@ def test_from_sim_observation(policy, model):
     assert policy.predict_action_chunk(obs).shape == (32, 4)
 
 
-def test_make_policy_falls_back_only_on_compile_failure(model, monkeypatch):
+def test_load_policy_falls_back_only_on_compile_failure(model, monkeypatch):
     import torch._dynamo.exc as dynamo_exc
 
-    from lwam import pipeline
+    from lwam.policy import loading
 
     warnings = []
-    monkeypatch.setattr(pipeline.logger, "warning", lambda msg: warnings.append(msg))
+    monkeypatch.setattr(loading.logger, "warning", lambda msg: warnings.append(msg))
     real_warmup = Policy.warmup
 
     def failing_when_compiled(self, *a, **k):
@@ -163,7 +163,7 @@ def test_make_policy_falls_back_only_on_compile_failure(model, monkeypatch):
         return real_warmup(self, *a, **k)
 
     monkeypatch.setattr(Policy, "warmup", failing_when_compiled)
-    pol = pipeline.make_policy(model, STATS)
+    pol = loading.load_policy(model, STATS)
     assert isinstance(pol, Policy) and not pol.options.compile
     assert len(warnings) == 1 and "torch.compile failed" in warnings[0] and "compile=False" in warnings[0]
 
@@ -172,5 +172,5 @@ def test_make_policy_falls_back_only_on_compile_failure(model, monkeypatch):
 
     monkeypatch.setattr(Policy, "warmup", other_failure)
     with pytest.raises(RuntimeError, match="out of memory"):  # no silent swap to another implementation
-        pipeline.make_policy(model, STATS)
-    assert isinstance(pipeline.make_policy(model, STATS, eager=True), EagerPolicy)
+        loading.load_policy(model, STATS)
+    assert isinstance(loading.load_policy(model, STATS, eager=True), EagerPolicy)

@@ -10,10 +10,13 @@ import lwam.data
 import lwam.model
 import lwam.modules
 import lwam.ops
+import lwam.policy
 
 FACES = {
     lwam: {"ImplConfig", "LightWAMConfig", "get_preset", "__version__", "LightWAM", "Policy", "Trainer",
-           "save_checkpoint", "load_checkpoint", "TextContextCache", "build_text_cache"},
+           "save_checkpoint", "load_checkpoint", "TextContextCache", "build_text_cache", "load_policy"},
+    lwam.policy: {"RobotPolicy", "ModelPolicy", "Policy", "InferenceOptions", "EagerPolicy", "RemotePolicy",
+                  "load_policy"},
     lwam.ops: {"query_pool", "query_pool_kernel_available", "latent_downsample"},
     lwam.modules: {"LearnedQueryPooler", "MultiLayerQueryPooler", "FoldedQueryPooling", "pool_layers",
                    "fold_for_inference", "apply_fused_pooling", "is_learned_query_pooler"},
@@ -34,7 +37,7 @@ def test_faces_export_exactly_the_public_names():
 def test_faces_give_the_objects_themselves():
     from lwam.checkpoint import load_checkpoint, save_checkpoint
     from lwam.data.lerobot.reader import LeRobotReader
-    from lwam.inference import Policy
+    from lwam.policy.compiled import Policy
     from lwam.model.lightwam import LightWAM
     from lwam.model.text import TextContextCache
     from lwam.train import Trainer
@@ -67,7 +70,7 @@ def _params(fn):
 
 
 def test_signatures_users_call():
-    from lwam.inference import Policy
+    from lwam.policy.compiled import Policy
 
     assert _params(Policy.from_checkpoint) == ["path", "device", "dtype", "kwargs"]
     assert _params(Policy.predict) == ["self", "images", "instruction", "proprio"]
@@ -81,3 +84,9 @@ def test_signatures_users_call():
         "attention", "rope", "rope_cache", "fused_pooling", "fused_downsample", "compile_blocks"]
     assert _params(lwam.TextContextCache.load) == ["path", "cfg", "encoder"]
     assert _params(lwam.build_text_cache) == ["instructions", "cfg", "path", "encoder", "batch_size"]
+    assert _params(lwam.load_policy) == ["source", "stats", "device", "eager", "compiled", "text_cache",
+                                         "batch_sizes"]
+    for cls in (lwam.policy.Policy, lwam.policy.EagerPolicy, lwam.policy.RemotePolicy):  # one contract
+        assert issubclass(cls, lwam.policy.RobotPolicy)
+        assert _params(cls.select_action) == ["self", "observation"]
+        assert _params(cls.predict_action_chunk) == ["self", "observation"]

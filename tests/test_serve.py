@@ -19,12 +19,12 @@ pytest.importorskip("websockets")
 pytest.importorskip("msgpack")
 
 from lwam.config import get_preset  # noqa: E402
-from lwam.inference import Policy  # noqa: E402
+from lwam.policy.compiled import Policy  # noqa: E402
 from lwam.model.lightwam import LightWAM  # noqa: E402
-from lwam.remote import RemotePolicy, RemotePolicyError  # noqa: E402
-from lwam.serve import PolicyServer, batch_sizes_for  # noqa: E402
+from lwam.policy.remote import RemotePolicy, RemotePolicyError  # noqa: E402
+from lwam.serving.server import PolicyServer, batch_sizes_for  # noqa: E402
 from lwam.testing import assert_close, perturb_zero_inits_  # noqa: E402
-from lwam.wire import WireError, packb, unpackb  # noqa: E402
+from lwam.serving.codec import WireError, packb, unpackb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).resolve().parent / "openpi_driver.py"
@@ -409,6 +409,60 @@ def test_cli_serve_sigterm_exits_zero_and_eval_server(model, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def serve_process(*args):
+    """`lwam serve ARGS --port 0` as a process; yields its ws:// URL, then SIGTERM and a zero exit."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lwam.cli", "serve", *map(str, args), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url, lines = None, []
+        t_end = time.monotonic() + 180
+        while url is None and time.monotonic() < t_end:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "listening on ws://127.0.0.1:" in line:
+                url = line.split("listening on ", 1)[1].split()[0]
+        assert url is not None, "".join(lines)
+        yield url
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_eager_with_text_cache_answers_a_client(model, tmp_path, capsys):
+    """`lwam serve --eager --text-cache F`: the checkpoint knows one instruction, F the other; a client asking
+    with F's instruction gets the eager model's actions, and a server-side refusal reaches `lwam eval --server`
+    as its own message (exit 2), not as an internal error."""
+    from lwam.checkpoint import save_checkpoint
+    from lwam.cli import main
+    from lwam.policy.eager import EagerPolicy
+
+    save_checkpoint(model, tmp_path / "ckpt", stats=STATS)
+    model.text.subset(INSTRUCTIONS[:1]).save(tmp_path / "ckpt" / "text.safetensors")
+    model.text.subset(INSTRUCTIONS[1:]).save(tmp_path / "extra.safetensors")
+    with serve_process("--checkpoint", tmp_path / "ckpt", "--eager", "--text-cache", tmp_path / "extra.safetensors",
+                       "--device", "cpu", "--max-batch", "1") as url:
+        with RemotePolicy(url) as rp:
+            assert rp.metadata["implementation"]["policy"] == "lwam.policy.eager.EagerPolicy"
+            assert sorted(rp.metadata["instructions"]) == sorted(INSTRUCTIONS)
+            obs = make_observation(rp.observation_spec(), np.random.default_rng(3), INSTRUCTIONS[1])
+            got = rp.predict_action_chunk(obs)
+        want = EagerPolicy(model, STATS, "cpu").predict_action_chunk(obs)
+        assert got.shape == want.shape and np.allclose(got, want, rtol=1e-5, atol=1e-6)
+        pytest.importorskip("metaworld")
+        rc = main(["eval", "--server", url, "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "8",
+                   "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "unknown instruction" in err and "internal error" not in err, err
 
 
 def test_eval_needs_one_of_checkpoint_and_server(model, capsys, tmp_path):

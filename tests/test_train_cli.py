@@ -12,7 +12,8 @@ from lwam.checkpoint import IMPL_FILE, TEXT_FILE, load_impl
 from lwam.cli import main
 from lwam.config import ImplConfig, get_preset
 from lwam.data.lerobot import LeRobotWriter
-from lwam.inference import Policy, UnknownInstructionError
+from lwam.errors import UnknownInstructionError
+from lwam.policy.compiled import Policy
 from lwam.model.text import TextContextCache, build_text_cache, make_text_encoder
 from lwam.model.vae import WanVAE
 from lwam.vae_train import save_vae_checkpoint

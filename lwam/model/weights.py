@@ -14,13 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lwam.errors import CheckpointMismatchError  # noqa: F401  (raised here; importable from here)
 from lwam.model.dit import dit_param_group
 
 RELEASE_DIT_PREFIX = "mixtures.video."
-
-
-class CheckpointMismatchError(ValueError):
-    """A weight file does not fit the model: lists missing, unexpected and mis-shaped tensors."""
 
 
 def check_state_dict(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor | tuple[int, ...]],

@@ -10,14 +10,9 @@ import numpy as np
 
 from lwam._atomic import atomic_path
 from lwam._logging import log_once
+from lwam.errors import VideoDecodeError
 
 
-class VideoDecodeError(RuntimeError):
-    """A video file exists but cannot be decoded (truncated, garbage, wrong frame count)."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        super().__init__(f"cannot decode video file {self.path}: {reason}")
 
 
 _CODEC: str | None = None

@@ -26,16 +26,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lwam.errors import ObservationError
+
 IMAGE_PREFIX = "observation.images."
 STATE_KEY = "observation.state"
 INSTRUCTION_KEYS = ("task", "prompt")
 
 __all__ = ["IMAGE_PREFIX", "STATE_KEY", "INSTRUCTION_KEYS", "ObservationError", "Observation",
            "observation_spec", "parse_observation", "from_sim_observation", "ActionQueue", "check_executed_steps"]
-
-
-class ObservationError(ValueError):
-    """An observation dict is malformed (the message names the key, the expected and the received value)."""
 
 
 @dataclass

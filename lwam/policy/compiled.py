@@ -1,4 +1,4 @@
-"""Policy: the optimised single-pass action decoder (observation -> de-normalised action chunk).
+"""Policy: the compiled single-pass action decoder (observation -> de-normalised action chunk).
 
 One action query (docs/model.md, "Inference"): VAE-encode the current composed frame -> cached text context +
 proprio token -> one backbone pass at t = 0 up to the last tapped layer -> StateFusionActionExpert ->
@@ -60,17 +60,13 @@ from torch import nn
 
 from lwam._logging import log_once
 from lwam.config import LightWAMConfig
+from lwam.errors import UnknownInstructionError
 from lwam.model.lightwam import context_from_embedded, embed_text
 from lwam.model.text import TextContextCache
+from lwam.policy.base import ModelPolicy
+from lwam.policy.inputs import make_normalizer, prepare_images, text_cache_of
 
-__all__ = ["Policy", "InferenceOptions", "UnknownInstructionError", "prepare_images"]
-
-
-class UnknownInstructionError(ValueError, KeyError):
-    """An instruction has no cached text context and no text encoder is configured."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+__all__ = ["Policy", "InferenceOptions"]
 
 
 @dataclass(frozen=True)
@@ -181,73 +177,6 @@ class FastActionPath(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# input preparation (CPU, before any device work)
-# ------------------------------------------------------------------------------------------------
-def prepare_images(images: Any, batched: bool, factor: int, name: str = "images") -> torch.Tensor:
-    """Check and convert images to a float32 CPU tensor [B, 3, H, W] in [-1, 1].
-
-    Accepts float [B, 3, H, W] in [-1, 1] or uint8 [B, H, W, 3] (without B when ``batched`` is False),
-    as torch tensors or numpy arrays. Raises TypeError/ValueError naming the expected and received shape
-    or dtype. ``factor``: H and W must be divisible by it (VAE factor x patch size).
-    """
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(images).__name__}")
-    lead = "B, " if batched else ""
-    rank = 4 if batched else 3
-    if images.dtype == torch.uint8:
-        if images.dim() != rank or images.shape[-1] != 3:
-            raise ValueError(f"{name}: expected uint8 [{lead}H, W, 3], got {tuple(images.shape)}")
-        x = images if batched else images[None]
-        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    elif images.is_floating_point():
-        if images.dim() != rank or images.shape[-3] != 3:
-            raise ValueError(f"{name}: expected [{lead}3, H, W] in [-1, 1], got {tuple(images.shape)}")
-        x = (images if batched else images[None]).float()
-    else:
-        raise TypeError(f"{name}: expected a float tensor in [-1, 1] ([{lead}3, H, W]) or uint8 "
-                        f"[{lead}H, W, 3], got {images.dtype}")
-    if x.shape[2] % factor or x.shape[3] % factor or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{name}: H and W must be divisible by {factor}, got {tuple(images.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: expected at least one image, got {tuple(images.shape)}")
-    return x.cpu()
-
-
-def _make_normalizer(stats: Any, cfg: LightWAMConfig):
-    if stats is None:
-        return None
-    from lwam.data.normalize import Normalizer
-
-    if isinstance(stats, Normalizer):
-        return stats
-    if isinstance(stats, Mapping) and "modes" in stats and "stats" in stats:
-        return Normalizer.from_dict(stats)
-    if isinstance(stats, Mapping):
-        if "features" in stats:
-            stats = stats["features"]
-        return Normalizer.from_config(stats, cfg.data)
-    raise TypeError(f"stats: expected a Normalizer or a stats dict, got {type(stats).__name__}")
-
-
-def _text_cache(text_cache: Any, cfg: LightWAMConfig) -> TextContextCache:
-    """A :class:`TextContextCache`, its file (``TextContextCache.save`` / ``build_text_cache``), a mapping
-    instruction -> context [Lt, text_dim], or None (empty)."""
-    if isinstance(text_cache, TextContextCache):
-        return text_cache
-    out = TextContextCache(cfg.text)
-    if text_cache is None:
-        return out
-    if isinstance(text_cache, Mapping):
-        out.update(text_cache)
-        return out
-    if isinstance(text_cache, (str, os.PathLike)):
-        return TextContextCache.load(text_cache, cfg.text)
-    raise TypeError(f"text_cache: expected a TextContextCache, its file or a mapping, got {type(text_cache).__name__}")
-
-
-# ------------------------------------------------------------------------------------------------
 # static-buffer runners
 # ------------------------------------------------------------------------------------------------
 # torch.compile modes that capture CUDA graphs on their own (Inductor's cudagraph trees), mapped to the
@@ -346,7 +275,7 @@ class _Runner:
 # ------------------------------------------------------------------------------------------------
 # Policy
 # ------------------------------------------------------------------------------------------------
-class Policy:
+class Policy(ModelPolicy):
     """Optimised single-pass action decoder. Build with :meth:`from_model`, :meth:`from_checkpoint` or
     :meth:`from_release`; query with :meth:`predict` / :meth:`predict_batch`.
 
@@ -362,7 +291,7 @@ class Policy:
         self.options = options
         self.normalizer = normalizer
         self.text = TextContextCache(cfg.text, text_encoder)  # raw contexts [Lt, text_dim], CPU
-        self.text.update(_text_cache(text_contexts, cfg))
+        self.text.update(text_cache_of(text_contexts, cfg))
         self._text_emb: dict[str, torch.Tensor] = {}  # embedded [Lt, D] on the device, per instruction
         self._runners: dict[tuple[int, int, int], _Runner] = {}
         self._pool = None
@@ -423,7 +352,7 @@ class Policy:
                                 compile_mode=compile_mode, compile_backend=compile_backend)
         fast = FastActionPath(model, opts).to(device=dev, dtype=dtype)
         fast.finalize()
-        return cls(fast, cfg, opts, _make_normalizer(stats, cfg), model.text, model.text.encoder)
+        return cls(fast, cfg, opts, make_normalizer(stats, cfg), model.text, model.text.encoder)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -445,7 +374,7 @@ class Policy:
 
         model, stats = load_checkpoint(p)
         stats = kwargs.pop("stats", None) or stats
-        model.text.update(_text_cache(kwargs.pop("text_cache", None), model.cfg))
+        model.text.update(text_cache_of(kwargs.pop("text_cache", None), model.cfg))
         return cls.from_model(model, stats, device=device, dtype=dtype, **kwargs)
 
     @classmethod
@@ -466,7 +395,7 @@ class Policy:
         model = LightWAM(cfg)
         load_lightwam_release(model, release_pt)
         model.vae.load_pretrained(vae_path)
-        model.text.update(_text_cache(text_cache, cfg))
+        model.text.update(text_cache_of(text_cache, cfg))
         return cls.from_model(model, stats, device=device, dtype=dtype, **kwargs)
 
     # --- text ------------------------------------------------------------------------------------
@@ -583,15 +512,6 @@ class Policy:
         x, instr, prop, is_numpy = self._check(images, instructions, proprio, batched=True)
         return self._finish(self._run(x, instr, prop), is_numpy)
 
-    @torch.no_grad()
-    def predict(self, images: Any, instruction: str, proprio: Any) -> Any:
-        """images [3, H, W] float in [-1, 1] or uint8 [H, W, 3]; instruction: str; proprio [P] raw ->
-        de-normalised actions [H, A] float32 (numpy if proprio is numpy)."""
-        if not isinstance(instruction, str):
-            raise TypeError(f"instruction: expected a str, got {type(instruction).__name__}")
-        x, instr, prop, is_numpy = self._check(images, [instruction], proprio, batched=False)
-        return self._finish(self._run(x, instr, prop), is_numpy)[0]
-
     def warmup(self, batch_size: int = 1, image_hw: tuple[int, int] | None = None,
                instruction: str | None = None) -> float:
         """Compile and capture the path for one input shape (default: the config's image size).
@@ -621,61 +541,3 @@ class Policy:
         return (f"Policy(preset={self.cfg.name!r}, device={self.device}, dtype={self.dtype}, "
                 f"compile={o.compile}, cuda_graphs={o.cuda_graphs}, merge_lora={o.merge_lora}, "
                 f"truncate={o.truncate}, fold_pooling={o.fold_pooling}, single_frame_vae={o.single_frame_vae})")
-
-    # --- robot-facing API: LeRobot-style observations, action queue (lwam.observation) -----------
-    @property
-    def executed_steps(self) -> int:
-        """Actions :meth:`select_action` executes from each chunk (default: the checkpoint's
-        ``cfg.data.executed_steps``, the value it was trained and evaluated with); assignable."""
-        return getattr(self, "_executed_steps", None) or self.cfg.data.executed_steps
-
-    @executed_steps.setter
-    def executed_steps(self, n: int) -> None:
-        from lwam.observation import check_executed_steps
-        self._executed_steps = check_executed_steps(n, self.cfg.chunk_size)
-
-    @property
-    def instructions(self) -> list[str]:
-        """The instructions with a cached text context (any other needs the config's text encoder)."""
-        return sorted(self.text.instructions)
-
-    @property
-    def text_encoder(self):
-        """The config's text encoder (None: only cached instructions are answered)."""
-        return self.text.encoder
-
-    def can_answer(self, instruction: str) -> bool:
-        return instruction in self.text or self.text.encoder is not None
-
-    def observation_spec(self) -> dict[str, dict[str, Any]]:
-        """``{key: {"shape", "dtype"}}`` of every array of an observation (see lwam.observation)."""
-        from lwam.observation import observation_spec
-        return observation_spec(self.cfg.data, self.cfg.proprio_dim)
-
-    def predict_action_chunk(self, observation: Mapping[str, Any]) -> Any:
-        """LeRobot-style observation dict (``observation.images.<camera>``, ``observation.state``,
-        ``task`` or ``prompt``; lwam.observation) -> de-normalised actions [H, A] float32, or [B, H, A] for a
-        batched observation (numpy, or a torch tensor when ``observation.state`` is one). The cameras are
-        composed and rotated as in training, then :meth:`predict` / :meth:`predict_batch` answers."""
-        from lwam.observation import parse_observation
-
-        obs = parse_observation(observation, self.cfg.data, self.cfg.proprio_dim)
-        if obs.batched:
-            out = self.predict_batch(obs.images, obs.instructions, obs.proprio)
-        else:
-            out = self.predict(obs.images[0], obs.instructions[0], obs.proprio[0])
-        return torch.from_numpy(out) if obs.torch_out else out
-
-    def select_action(self, observation: Mapping[str, Any]) -> Any:
-        """The next action [A] (or [B, A]): every :attr:`executed_steps` calls one
-        :meth:`predict_action_chunk` refills the queue; the calls between only pop it."""
-        from lwam.observation import ActionQueue
-
-        if getattr(self, "_action_queue", None) is None:
-            self._action_queue = ActionQueue()
-        return self._action_queue.pop(lambda: self.predict_action_chunk(observation), self.executed_steps)
-
-    def reset(self) -> None:
-        """Forget the queued actions (call at the start of every episode)."""
-        if getattr(self, "_action_queue", None) is not None:
-            self._action_queue.clear()

@@ -7,10 +7,10 @@ Protocol (what ``openpi_client.websocket_client_policy.WebsocketClientPolicy`` e
   ``action_dim``, ``executed_steps``, ``instructions`` (those with a cached text context), ``text_encoder``
   (whether it can answer any other), ``instruction_keys`` and ``implementation`` (policy, preset, device,
   dtype, inference options, camera layout, server limits, versions);
-* each request is one binary message, an observation dict (lwam.observation; the instruction as ``prompt``
+* each request is one binary message, an observation dict (lwam.policy.observation; the instruction as ``prompt``
   or ``task``), answered by ``{"actions": float32 [H, A] (or [B, H, A] for a batched observation),
   "server_timing": {"infer_ms", "queue_ms", "total_ms", "batch_size"}}``;
-* every message is msgpack with numpy arrays in the openpi codec's format (lwam.wire; never unpickled);
+* every message is msgpack with numpy arrays in the openpi codec's format (lwam.serving.codec; never unpickled);
 * a bad request is answered by a text message ``"error: ..."`` naming the key, the expected and the received
   value; the connection stays open and every other client keeps being served;
 * ``Authorization: Api-Key <key>`` is checked when the server has a key (HTTP 401 otherwise); ``GET /healthz``
@@ -40,10 +40,11 @@ from typing import Any, Callable
 import numpy as np
 
 from lwam._logging import logger
-from lwam.observation import INSTRUCTION_KEYS, Observation, ObservationError, parse_observation
-from lwam.wire import WireError, packb, unpackb
+from lwam.errors import LwamError, ObservationError, WireError
+from lwam.policy.observation import INSTRUCTION_KEYS, Observation, parse_observation
+from lwam.serving.codec import packb, unpackb
 
-__all__ = ["PolicyServer", "batch_sizes_for", "load_policy", "serve_main", "DEFAULT_PORT"]
+__all__ = ["PolicyServer", "batch_sizes_for", "serve_main", "add_serve_parser", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 8000  # openpi's default
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2 ** 20
@@ -74,7 +75,7 @@ class _Request:
 
 
 class PolicyServer:
-    """Serve ``policy`` (lwam.inference.Policy or lwam.eager.EagerPolicy) over websockets.
+    """Serve ``policy`` (lwam.policy.compiled.Policy or lwam.policy.eager.EagerPolicy) over websockets.
 
     ``port=0`` picks a free port (:attr:`port` holds the bound one once serving). Run with
     ``asyncio.run(server.serve(ready=...))``; ``ready(port)`` is called once the port is open.
@@ -248,6 +249,9 @@ class PolicyServer:
                                f"retry later")
         try:
             actions, timing = await req.future
+        except LwamError as e:  # an anticipated refusal (lwam.errors): its message is for the client
+            logger.warning(f"serve: request refused ({type(e).__name__}: {e})")
+            return self._error(str(e))
         except Exception as e:  # an inference failure answers this batch's requests, the server goes on
             logger.warning(f"serve: inference failed ({type(e).__name__}: {e})")
             return self._error(f"inference failed ({type(e).__name__}: {e})")
@@ -330,32 +334,13 @@ class PolicyServer:
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
-def load_policy(checkpoint: str, device: str | None = None, eager: bool = False, compile: bool = True,
-                text_cache: str | None = None, batch_sizes=(1,)):
-    """The policy a server serves: lwam.inference.Policy (compiled, every batch size warmed up; falls back
-    to compile=False only on a compile failure, logged), or lwam.eager.EagerPolicy with ``eager``."""
-    if eager:
-        from lwam.checkpoint import load_checkpoint
-        from lwam.eager import EagerPolicy
-
-        model, stats = load_checkpoint(checkpoint)
-        if text_cache:
-            from lwam.inference import _load_text_cache
-            for k, v in _load_text_cache(text_cache).items():
-                model.text.add(k, v)
-        return EagerPolicy(model, stats, device or "cpu")
-    from lwam.inference import Policy
-    from lwam.pipeline import warm_policy
-
-    return warm_policy(lambda c: Policy.from_checkpoint(checkpoint, device=device, compile=c, text_cache=text_cache),
-                       batch_sizes, compile)
-
-
 def serve_main(args) -> int:
     """``lwam serve`` (argparse namespace of lwam.cli)."""
     from ipaddress import ip_address
 
     import torch
+
+    from lwam.policy.loading import load_policy
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -373,7 +358,7 @@ def serve_main(args) -> int:
     early: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
     try:
-        policy = load_policy(args.checkpoint, device=device, eager=args.eager, compile=not args.no_compile,
+        policy = load_policy(args.checkpoint, device=device, eager=args.eager, compiled=not args.no_compile,
                              text_cache=args.text_cache, batch_sizes=sizes)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -396,7 +381,7 @@ def serve_main(args) -> int:
 
 def add_serve_parser(sub, **parser_kwargs) -> None:
     # the CLI's argument types: bad numbers and paths are refused before loading anything
-    from lwam.cli import existing_file, nonneg_int, positive_int
+    from lwam._argtypes import existing_file, nonneg_int, positive_int
 
     sv = sub.add_parser("serve", help="serve a checkpoint over websockets (openpi protocol, msgpack-numpy)",
                         **parser_kwargs)

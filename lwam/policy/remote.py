@@ -1,10 +1,11 @@
-"""RemotePolicy: the robot-facing policy interface over a websocket connection to ``lwam serve`` (or any
-server speaking the openpi protocol, lwam.serve).
+"""RemotePolicy: the robot-facing policy contract (lwam.policy.base.RobotPolicy) over a websocket connection to
+``lwam serve`` (or any server speaking the openpi protocol, lwam.serving.server).
 
 ``RemotePolicy("ws://127.0.0.1:8000")`` reads the server's metadata on connect; ``predict_action_chunk(obs)``
-sends a LeRobot-style observation dict (lwam.observation) and returns the actions [H, A] float32;
-``select_action`` / ``reset`` keep an action queue on the client, refilled every ``executed_steps`` (the
-server's advertised value, assignable). A server-side error (a text reply) raises :class:`RemotePolicyError`.
+sends a LeRobot-style observation dict (lwam.policy.observation) and returns the actions [H, A] float32;
+``select_action`` / ``reset`` (the base's) keep an action queue on the client, refilled every ``executed_steps``
+(the server's advertised value, assignable). A server-side error (a text reply) raises
+:class:`~lwam.errors.RemotePolicyError` with the server's message.
 """
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lwam.observation import IMAGE_PREFIX, ActionQueue, check_executed_steps
-from lwam.wire import packb, unpackb
+from lwam.errors import RemotePolicyError
+from lwam.policy.base import RobotPolicy
+from lwam.policy.observation import IMAGE_PREFIX
+from lwam.serving.codec import packb, unpackb
 
 __all__ = ["RemotePolicy", "RemotePolicyError"]
 
 
-class RemotePolicyError(RuntimeError):
-    """The server answered a request with an error message."""
+class RemotePolicy(RobotPolicy):
+    """A policy served elsewhere: ``predict_action_chunk`` is one request to the server at ``url``."""
 
-
-class RemotePolicy:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0):
         from websockets.sync.client import connect
 
@@ -35,9 +36,6 @@ class RemotePolicy:
         self._ws = connect(url, compression=None, max_size=None, additional_headers=headers,
                            open_timeout=timeout).__enter__()
         self.metadata: dict[str, Any] = unpackb(self._ws.recv(timeout))
-        self.chunk_size = int(self.metadata["chunk_size"])
-        self._executed_steps = int(self.metadata["executed_steps"])
-        self._queue = ActionQueue()
         self.last_timing: dict[str, Any] = {}
 
     @property
@@ -46,12 +44,15 @@ class RemotePolicy:
         return [k[len(IMAGE_PREFIX):] for k in self.metadata["observation_spec"] if k.startswith(IMAGE_PREFIX)]
 
     @property
-    def executed_steps(self) -> int:
-        return self._executed_steps
+    def chunk_size(self) -> int:
+        return int(self.metadata["chunk_size"])
 
-    @executed_steps.setter
-    def executed_steps(self, n: int) -> None:
-        self._executed_steps = check_executed_steps(n, self.chunk_size)
+    @property
+    def default_executed_steps(self) -> int:
+        return int(self.metadata["executed_steps"])
+
+    def observation_spec(self) -> dict[str, dict[str, Any]]:
+        return dict(self.metadata["observation_spec"])
 
     def infer(self, observation: Mapping[str, Any]) -> dict[str, Any]:
         """One request -> the server's reply dict (``actions``, ``server_timing``)."""
@@ -66,17 +67,5 @@ class RemotePolicy:
     def predict_action_chunk(self, observation: Mapping[str, Any]) -> np.ndarray:
         return np.asarray(self.infer(observation)["actions"], dtype=np.float32)
 
-    def select_action(self, observation: Mapping[str, Any]) -> np.ndarray:
-        return self._queue.pop(lambda: self.predict_action_chunk(observation), self.executed_steps)
-
-    def reset(self) -> None:
-        self._queue.clear()
-
     def close(self) -> None:
         self._ws.close()
-
-    def __enter__(self) -> "RemotePolicy":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -16,14 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from lwam.errors import WireError
+
 __all__ = ["WireError", "packb", "unpackb", "ALLOWED_KINDS"]
 
 ALLOWED_KINDS = frozenset("biuf")  # bool, int, uint, float: no objects, no void/structured, no strings
 _MAX_RANK = 8
-
-
-class WireError(ValueError):
-    """A message is not valid msgpack, or holds an array description that is not acceptable."""
 
 
 def _encode(obj: Any) -> Any:

@@ -1,10 +1,10 @@
 """EagerPolicy: the plain :class:`~lwam.model.lightwam.LightWAM` behind the same interface as
-:class:`lwam.inference.Policy`, for debugging (no transformation, no compilation, no static buffers).
+:class:`lwam.policy.compiled.Policy`, for debugging (no transformation, no compilation, no static buffers).
 
-It answers the same calls with the same inputs and outputs: ``predict(image, instruction, proprio)``,
-``predict_batch``, ``predict_action_chunk(observation)``, ``select_action(observation)``, ``reset()``,
-``observation_spec()``, ``executed_steps``, ``instructions``, ``can_answer``, ``warmup``. Its actions are the
-reference the Policy's transformations are checked against (tests/test_inference.py).
+It implements ``predict_batch`` and ``warmup``; the rest of the contract (``predict``,
+``predict_action_chunk``, ``select_action``, ``reset``, ``executed_steps``, ...) is
+:class:`lwam.policy.base.ModelPolicy`'s. Its actions are the reference the Policy's transformations are
+checked against (tests/test_inference.py).
 """
 from __future__ import annotations
 
@@ -15,53 +15,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from lwam.inference import UnknownInstructionError, _make_normalizer, prepare_images
+from lwam.errors import UnknownInstructionError
+from lwam.policy.base import ModelPolicy
+from lwam.policy.inputs import make_normalizer, prepare_images
 
 __all__ = ["EagerPolicy"]
 
 
-class EagerPolicy:
+class EagerPolicy(ModelPolicy):
     """Observation -> de-normalised action chunk with the eager model (``model.predict_actions``)."""
 
     def __init__(self, model: torch.nn.Module, stats: Any = None, device: str | torch.device | None = None):
-        from lwam.observation import ActionQueue
-
         dev = torch.device(device) if device is not None else model.proprio_encoder.weight.device
         self.model = model.eval().to(dev)
         self.cfg = model.cfg
-        self.normalizer = _make_normalizer(stats, self.cfg)
-        self._executed_steps = self.cfg.data.executed_steps
-        self._action_queue = ActionQueue()
+        self.text = model.text
+        self.normalizer = make_normalizer(stats, self.cfg)
 
     @property
     def device(self) -> torch.device:
         return self.model.proprio_encoder.weight.device
 
-    @property
-    def text_encoder(self):
-        return self.model.text.encoder if getattr(self.model, "text", None) is not None else None
-
-    @property
-    def instructions(self) -> list[str]:
-        return sorted(self.model.text.state()) if getattr(self.model, "text", None) is not None else []
-
-    def can_answer(self, instruction: str) -> bool:
-        return instruction in self.model.text or self.text_encoder is not None
-
-    @property
-    def executed_steps(self) -> int:
-        return self._executed_steps
-
-    @executed_steps.setter
-    def executed_steps(self, n: int) -> None:
-        from lwam.observation import check_executed_steps
-        self._executed_steps = check_executed_steps(n, self.cfg.chunk_size)
-
-    def observation_spec(self) -> dict[str, dict[str, Any]]:
-        from lwam.observation import observation_spec
-        return observation_spec(self.cfg.data, self.cfg.proprio_dim)
-
-    # --- raw-array queries (as lwam.inference.Policy) -------------------------------------------
     @torch.no_grad()
     def predict_batch(self, images: Any, instructions: Sequence[str] | str, proprio: Any) -> Any:
         """images [B, 3, H, W] float in [-1, 1] or uint8 [B, H, W, 3]; instructions: B str (or one);
@@ -89,17 +63,6 @@ class EagerPolicy:
             out = self.normalizer.invert(ACTION_KEY, out)
         return out.numpy() if is_numpy else out
 
-    def predict(self, images: Any, instruction: str, proprio: Any) -> Any:
-        """images [3, H, W] float in [-1, 1] or uint8 [H, W, 3]; instruction: str; proprio [P] raw ->
-        de-normalised actions [H, A] float32."""
-        if not isinstance(instruction, str):
-            raise TypeError(f"instruction: expected a str, got {type(instruction).__name__}")
-        factor = self.cfg.vae.spatial_factor * self.cfg.dit.patch_size[1]
-        prepare_images(images, False, factor)  # the unbatched shape check
-        if tuple(np.shape(proprio)) != (self.cfg.proprio_dim,):
-            raise ValueError(f"proprio: expected [{self.cfg.proprio_dim}], got {tuple(np.shape(proprio))}")
-        return self.predict_batch(images[None], [instruction], proprio[None])[0]
-
     def warmup(self, batch_size: int = 1, image_hw: tuple[int, int] | None = None,
                instruction: str | None = None) -> float:
         """One pass at this batch size (nothing to compile). Returns the seconds it took."""
@@ -114,22 +77,6 @@ class EagerPolicy:
                 self.model.predict_actions(torch.zeros(batch_size, 3, h, w, device=self.device), prop,
                                            instruction=[instruction] * batch_size)
         return time.perf_counter() - t0
-
-    # --- robot-facing API (same as lwam.inference.Policy) ----------------------------------------
-    def predict_action_chunk(self, observation: Mapping[str, Any]) -> Any:
-        """LeRobot-style observation dict -> de-normalised actions [H, A] (or [B, H, A])."""
-        from lwam.observation import parse_observation
-
-        obs = parse_observation(observation, self.cfg.data, self.cfg.proprio_dim)
-        out = self.predict_batch(obs.images, obs.instructions, obs.proprio)
-        out = out if obs.batched else out[0]
-        return torch.from_numpy(out) if obs.torch_out else out
-
-    def select_action(self, observation: Mapping[str, Any]) -> Any:
-        return self._action_queue.pop(lambda: self.predict_action_chunk(observation), self.executed_steps)
-
-    def reset(self) -> None:
-        self._action_queue.clear()
 
     def __repr__(self) -> str:
         return f"EagerPolicy(preset={self.cfg.name!r}, device={self.device})"

@@ -1,0 +1,145 @@
+"""The robot-facing policy contract, held once.
+
+:class:`RobotPolicy` is what a robot loop talks to (as openpi's ``BasePolicy`` and LeRobot's
+``PreTrainedPolicy`` are): ``predict_action_chunk(observation)`` -> actions ``[H, A]`` (``[B, H, A]`` for a
+batched observation), ``select_action(observation)`` -> the next action ``[A]`` from a queue refilled with
+the first :attr:`~RobotPolicy.executed_steps` actions of a chunk, ``reset()`` at every episode start. The
+observation is a LeRobot-style dict (lwam.policy.observation).
+
+:class:`ModelPolicy` is the base of the in-process policies (compiled :class:`lwam.policy.compiled.Policy`,
+eager :class:`lwam.policy.eager.EagerPolicy`): they implement only ``predict_batch(images, instructions,
+proprio)``; parsing the observation, the unbatched ``predict`` and the text-cache questions live here.
+:class:`lwam.policy.remote.RemotePolicy` implements ``predict_action_chunk`` itself (one request to a server).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from lwam.policy.observation import ActionQueue, check_executed_steps
+
+__all__ = ["RobotPolicy", "ModelPolicy"]
+
+
+class RobotPolicy(ABC):
+    """Observation -> action chunk, with the action queue a robot loop consumes one action per control step.
+
+    Subclasses give :attr:`chunk_size`, :attr:`default_executed_steps` and :meth:`predict_action_chunk`."""
+
+    _executed_steps: int | None = None
+    _queue: ActionQueue | None = None
+
+    @property
+    @abstractmethod
+    def chunk_size(self) -> int:
+        """H: actions per chunk."""
+
+    @property
+    @abstractmethod
+    def default_executed_steps(self) -> int:
+        """The executed steps the policy was trained and evaluated with (a checkpoint's, a server's)."""
+
+    @abstractmethod
+    def predict_action_chunk(self, observation: Mapping[str, Any]) -> Any:
+        """LeRobot-style observation -> de-normalised actions [H, A] float32 (or [B, H, A] batched)."""
+
+    @property
+    def executed_steps(self) -> int:
+        """Actions :meth:`select_action` executes from each chunk before the next query (1 .. H); assignable."""
+        return self._executed_steps or self.default_executed_steps
+
+    @executed_steps.setter
+    def executed_steps(self, n: int) -> None:
+        self._executed_steps = check_executed_steps(n, self.chunk_size)
+
+    def select_action(self, observation: Mapping[str, Any]) -> Any:
+        """The next action [A] (or [B, A]): every :attr:`executed_steps` calls one
+        :meth:`predict_action_chunk` refills the queue; the calls between only pop it."""
+        if self._queue is None:
+            self._queue = ActionQueue()
+        return self._queue.pop(lambda: self.predict_action_chunk(observation), self.executed_steps)
+
+    def reset(self) -> None:
+        """Forget the queued actions (call at the start of every episode)."""
+        if self._queue is not None:
+            self._queue.clear()
+
+    def close(self) -> None:
+        """Release what the policy holds (connections, worker threads); the base holds nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ModelPolicy(RobotPolicy):
+    """An in-process policy over a model config ``cfg`` and a text-context cache ``text``
+    (:class:`~lwam.model.text.TextContextCache`). Subclasses implement :meth:`predict_batch`."""
+
+    cfg: Any
+    text: Any
+
+    @abstractmethod
+    def predict_batch(self, images: Any, instructions: Sequence[str] | str, proprio: Any) -> Any:
+        """images [B, 3, H, W] float in [-1, 1] or uint8 [B, H, W, 3]; instructions: B str (or one str);
+        proprio [B, P] raw -> de-normalised actions [B, H, A] float32 (numpy if proprio is numpy)."""
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.cfg.chunk_size)
+
+    @property
+    def default_executed_steps(self) -> int:
+        return int(self.cfg.data.executed_steps)
+
+    def predict(self, images: Any, instruction: str, proprio: Any) -> Any:
+        """images [3, H, W] float in [-1, 1] or uint8 [H, W, 3]; instruction: str; proprio [P] raw ->
+        de-normalised actions [H, A] float32 (numpy if proprio is numpy)."""
+        from lwam.policy.inputs import prepare_images
+
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction: expected a str, got {type(instruction).__name__}")
+        factor = self.cfg.vae.spatial_factor * self.cfg.dit.patch_size[1]
+        prepare_images(images, False, factor)  # the unbatched shape check, with its own message
+        if not isinstance(proprio, (np.ndarray, torch.Tensor)):
+            raise TypeError(f"proprio: expected a torch.Tensor or numpy array, got {type(proprio).__name__}")
+        p = self.cfg.proprio_dim
+        if tuple(proprio.shape) != (p,):
+            raise ValueError(f"proprio: expected [{p}], got {tuple(proprio.shape)}")
+        return self.predict_batch(images[None], [instruction], proprio[None])[0]
+
+    def predict_action_chunk(self, observation: Mapping[str, Any]) -> Any:
+        """LeRobot-style observation dict (``observation.images.<camera>``, ``observation.state``, ``task``
+        or ``prompt``) -> de-normalised actions [H, A] float32, or [B, H, A] for a batched observation (numpy,
+        or a torch tensor when ``observation.state`` is one). The cameras are composed and rotated as in
+        training, then :meth:`predict_batch` answers."""
+        from lwam.policy.observation import parse_observation
+
+        obs = parse_observation(observation, self.cfg.data, self.cfg.proprio_dim)
+        out = self.predict_batch(obs.images, obs.instructions, obs.proprio)
+        out = out if obs.batched else out[0]
+        return torch.from_numpy(out) if obs.torch_out else out
+
+    def observation_spec(self) -> dict[str, dict[str, Any]]:
+        """``{key: {"shape", "dtype"}}`` of every array of an observation (see lwam.policy.observation)."""
+        from lwam.policy.observation import observation_spec
+        return observation_spec(self.cfg.data, self.cfg.proprio_dim)
+
+    @property
+    def instructions(self) -> list[str]:
+        """The instructions with a cached text context (any other needs the config's text encoder)."""
+        return sorted(self.text.instructions)
+
+    @property
+    def text_encoder(self):
+        """The config's text encoder (None: only cached instructions are answered)."""
+        return self.text.encoder
+
+    def can_answer(self, instruction: str) -> bool:
+        return instruction in self.text or self.text.encoder is not None
