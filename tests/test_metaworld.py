@@ -121,3 +121,80 @@ def test_rejected_layout_is_redrawn_from_the_seed():
             np.testing.assert_allclose(t.env._target_pos, v[3:], rtol=0, atol=1e-12)
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+class _QueuedPolicy:
+    """A robot-facing fake: chunk k of the evaluation is a fixed pseudo-random [16, 4] chunk, whatever the
+    observation; select_action keeps a queue like lwam's policies (lwam.policy.observation.ActionQueue)."""
+
+    def __init__(self):
+        self.executed_steps, self.chunk_size = 16, 16
+        self.states, self.resets, self._queue, self._next = [], 0, None, 0
+
+    def predict_action_chunk(self, observation):
+        self.states.append(np.asarray(observation["observation.state"]).copy())
+        return np.random.default_rng(len(self.states)).uniform(-1, 1, (16, 4)).astype(np.float32)
+
+    def select_action(self, observation):
+        if self._queue is None or self._next >= len(self._queue):
+            self._queue, self._next = self.predict_action_chunk(observation)[:self.executed_steps], 0
+        self._next += 1
+        return self._queue[self._next - 1]
+
+    def reset(self):
+        self.resets += 1
+        self._queue = None
+
+
+def test_evaluate_runs_select_action_with_the_actions_of_the_chunk_loop():
+    """A select_action policy is run through reset/select_action, executes the same actions as slicing its
+    chunks (same observations at every query), counts a query only when a chunk was computed, and gets its
+    executed_steps back."""
+    from lwam.envs.evaluate import evaluate
+
+    pol = _QueuedPolicy()
+    res = evaluate(pol, [TASK], 2, executed_steps=5, max_steps=12, progress=False)
+    assert pol.executed_steps == 16 and "predict_action_chunk" not in vars(pol)
+    assert pol.resets == 2 + 1  # at each episode start, and after the warm-up query
+    assert res["num_queries"] == 2 * 3 and len(pol.states) == 1 + 2 * 3  # ceil(12 / 5) per episode + warm-up
+    assert res["pop_latency_ms"] is not None and res["mean_steps"] == 12
+
+    plain_states = []
+
+    def plain(obs):  # the same chunks, sliced by evaluate itself
+        plain_states.append(obs["proprio"].copy())
+        return np.random.default_rng(len(plain_states)).uniform(-1, 1, (16, 4)).astype(np.float32)
+
+    res2 = evaluate(plain, [TASK], 2, executed_steps=5, max_steps=12, progress=False)
+    assert res2["num_queries"] == res["num_queries"] and res2["pop_latency_ms"] is None
+    np.testing.assert_array_equal(np.stack(plain_states), np.stack(pol.states))
+    assert res2["episodes"] == res["episodes"]
+
+
+def test_shuffled_control_shows_another_episode_of_the_same_task():
+    from lwam.envs.evaluate import evaluate, shuffled_image_seed
+
+    n = 3
+    assert sorted(shuffled_image_seed(e, n, 100) for e in range(n)) == [100, 101, 102]
+    assert all(shuffled_image_seed(e, n, 100) != 100 + e for e in range(n)) and shuffled_image_seed(0, 1, 7) == 8
+    seen = []
+
+    def still(obs):
+        seen.append(obs)
+        return np.zeros((8, 4), np.float32)
+
+    cams = ("corner4", "gripper")
+    res = evaluate(still, [TASK], 2, executed_steps=8, max_steps=2, progress=False, cameras=cams,
+                   image_control="shuffled")
+    assert res["image_control"] == "shuffled" and not res["blind"]
+    eps = res["episodes"][TASK]
+    assert [e["image_seed"] for e in eps] == [EVAL_SEED_START + 1, EVAL_SEED_START]
+    with MetaWorldTask(TASK, cameras=cams, size=64, max_steps=2) as t:
+        own, other = t.reset(EVAL_SEED_START), t.reset(EVAL_SEED_START + 1)
+    first = seen[1]  # seen[0] is the warm-up query, on the same observation
+    for c in cams:
+        np.testing.assert_array_equal(first["images"][c], other["images"][c])
+    assert not np.array_equal(first["images"]["corner4"], own["images"]["corner4"])
+    np.testing.assert_array_equal(first["proprio"], own["proprio"])
+    with pytest.raises(ValueError, match="image_control"):
+        evaluate(still, [TASK], 1, max_steps=2, progress=False, image_control="noise")
