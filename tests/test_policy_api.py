@@ -118,6 +118,33 @@ def test_select_action_queue(policy, model, cls, monkeypatch):
     pol.reset()
 
 
+@pytest.mark.parametrize("cls", ["Policy", "EagerPolicy"])
+def test_start_async_runs_chunks_ahead_and_aligns_them(policy, model, cls):
+    """select_action with asynchronous execution: the chunk of the observation taken after s actions is
+    executed from its action t - s on (the stale prefix dropped); reset and stop_async go back cleanly."""
+    pol = policy if cls == "Policy" else EagerPolicy(model, STATS)
+    obs = [_obs(model.cfg, 40 + i) for i in range(24)]
+    chunks = [pol.predict_action_chunk(o) for o in obs]  # what each observation's chunk is
+    pol.start_async(lead_steps=3)
+    try:
+        pol.reset()
+        got = [pol.select_action(o) for o in obs]
+        stats = pol.async_stats
+        assert stats["requests"] >= 2 and stats["waits"] == 0  # a fast loop runs the first chunk past its horizon
+        # every action equals action t - s of the chunk of some earlier observation s
+        for t, a in enumerate(got):
+            assert any(np.array_equal(a, chunks[s][t - s]) for s in range(t + 1)), t
+        assert np.array_equal(got[0], chunks[0][0])
+        pol.reset()
+        assert pol.async_stats["requests"] == 0
+    finally:
+        pol.stop_async()
+    assert pol.async_stats is None
+    pol.reset()
+    assert np.array_equal(pol.select_action(obs[0]), chunks[0][0])
+    pol.reset()
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda o: o.pop("observation.state"), r"missing key 'observation.state'"),
     (lambda o: o.pop("observation.images.gripper"), r"missing key 'observation.images.gripper'"),

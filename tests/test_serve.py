@@ -255,6 +255,28 @@ class Gated:
         return self._policy.predict_batch(*args)
 
 
+def test_remote_policy_async_execution_through_the_server(policy):
+    """RemotePolicy.start_async: chunks are requested from `lwam serve` on a worker thread while the robot
+    executes; the lead comes from the measured round trip; every action is action t - s of the chunk of an
+    earlier observation s (the server's answer for it)."""
+    rng = np.random.default_rng(7)
+    with running(PolicyServer(policy, port=0, max_batch=1)) as url:
+        with RemotePolicy(url) as rp:
+            obs = [make_observation(rp.observation_spec(), rng, INSTRUCTIONS[0]) for _ in range(30)]
+            chunks = [rp.predict_action_chunk(o) for o in obs]
+            rp.start_async(lead_steps=None, control_hz=100.0, blend="none")
+            rp.reset()
+            got = []
+            for o in obs:
+                got.append(rp.select_action(o))
+                time.sleep(0.01)  # a 100 Hz control loop
+            stats = rp.async_stats
+        assert rp.async_stats is None  # close() stopped the worker
+    assert stats["requests"] >= 3
+    for t, a in enumerate(got):
+        assert any(np.array_equal(a, chunks[s][t - s]) for s in range(t + 1)), t
+
+
 def _request_in_thread(url, obs, out, key):
     def run():
         try:

@@ -32,6 +32,7 @@ class RobotPolicy(ABC):
 
     _executed_steps: int | None = None
     _queue: ActionQueue | None = None
+    _scheduler: Any = None  # a ChunkScheduler while asynchronous execution is on
 
     @property
     @abstractmethod
@@ -57,19 +58,50 @@ class RobotPolicy(ABC):
         self._executed_steps = check_executed_steps(n, self.chunk_size)
 
     def select_action(self, observation: Mapping[str, Any]) -> Any:
-        """The next action [A] (or [B, A]): every :attr:`executed_steps` calls one
-        :meth:`predict_action_chunk` refills the queue; the calls between only pop it."""
+        """The next action [A] (or [B, A]). Synchronous (default): every :attr:`executed_steps` calls one
+        :meth:`predict_action_chunk` refills the queue; the calls between only pop it. Asynchronous
+        (:meth:`start_async`): the next chunk is computed on a worker thread while the robot executes, and
+        aligned to the actions executed meanwhile (lwam.policy.chunking)."""
+        if self._scheduler is not None:
+            return self._scheduler.step(observation, block=True)
         if self._queue is None:
             self._queue = ActionQueue()
         return self._queue.pop(lambda: self.predict_action_chunk(observation), self.executed_steps)
+
+    def start_async(self, lead_steps: int | None = None, control_hz: float | None = None,
+                    blend: str = "none") -> None:
+        """Asynchronous chunk execution from now on: the next chunk is requested when ``lead_steps`` actions
+        of the :attr:`executed_steps` horizon remain (None: ``ceil(measured latency x control_hz)``), its
+        stale prefix is dropped on arrival, ``blend="linear"`` mixes the overlap. :attr:`async_stats` counts
+        requests, waits, dropped actions."""
+        from lwam.policy.chunking import ChunkScheduler, ThreadedRequests
+
+        self.stop_async()
+        self._scheduler = ChunkScheduler(ThreadedRequests(self.predict_action_chunk), lambda: self.executed_steps,
+                                         self.chunk_size, lead_steps=lead_steps, control_hz=control_hz,
+                                         past_horizon=True, blend=blend)
+
+    def stop_async(self) -> None:
+        """Back to synchronous execution (a pending request finishes first; its answer is dropped)."""
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+
+    @property
+    def async_stats(self) -> dict[str, Any] | None:
+        """The asynchronous scheduler's counts since the last :meth:`reset` (None when synchronous)."""
+        return self._scheduler.stats.as_dict() if self._scheduler is not None else None
 
     def reset(self) -> None:
         """Forget the queued actions (call at the start of every episode)."""
         if self._queue is not None:
             self._queue.clear()
+        if self._scheduler is not None:
+            self._scheduler.reset()
 
     def close(self) -> None:
-        """Release what the policy holds (connections, worker threads); the base holds nothing."""
+        """Release what the policy holds (worker threads here; subclasses add connections)."""
+        self.stop_async()
 
     def __enter__(self):
         return self

@@ -68,4 +68,5 @@ class RemotePolicy(RobotPolicy):
         return np.asarray(self.infer(observation)["actions"], dtype=np.float32)
 
     def close(self) -> None:
+        super().close()
         self._ws.close()
