@@ -266,16 +266,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _demo_config(args: argparse.Namespace):
     """The DemoConfig of `lwam demo` / `lwam experiment`: --quick budgets or the defaults, then the options."""
     from lwam.demo import DemoConfig
-    from lwam.experiment import MT10_TASKS
+    from lwam.experiment_conditions import MT10_TASKS
 
     dcfg = DemoConfig.quick() if args.quick else DemoConfig()
-    for name in ("episodes_per_task", "train_steps", "vae_steps", "eval_episodes"):
+    for name in ("episodes_per_task", "train_steps", "vae_steps", "eval_episodes", "image_size"):
         v = getattr(args, name)
         if v is not None:
             setattr(dcfg, name, v)
     if args.tasks:
         dcfg.tasks = MT10_TASKS if args.tasks == ["mt10"] else tuple(args.tasks)
+    if args.cameras:
+        dcfg.cameras = tuple(args.cameras)
+    if args.controls is not None:
+        dcfg.blind_control, dcfg.shuffled_control = "blind" in args.controls, "shuffled" in args.controls
     return dcfg
+
+
+def _add_demo_data_args(p: argparse.ArgumentParser) -> None:
+    """The camera, image and control options `lwam demo` and `lwam experiment` share."""
+    p.add_argument("--cameras", nargs="+", metavar="CAM",
+                   help="Meta-World cameras, side by side (default: corner gripper; e.g. corner4 gripper)")
+    p.add_argument("--image-size", type=positive_int, help="side of each camera's square image in pixels, a "
+                                                           "multiple of 32: 64, 96, 128 (default: 64)")
+    p.add_argument("--controls", nargs="*", choices=["blind", "shuffled"], metavar="CONTROL",
+                   help="image controls evaluated after the policy: blind (images zeroed), shuffled (another "
+                        "episode's images); none given: no control (default: both)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -418,10 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--vae-steps", type=positive_int, help="VAE training steps (default: the demo's)")
     dm.add_argument("--eval-episodes", type=positive_int, help="evaluation episodes per task (default: the demo's)")
     dm.add_argument("--seed", type=nonneg_int, help="seed of the demos, the VAE and the policy (default: 0)")
+    _add_demo_data_args(dm)
     dm.add_argument("--no-progress", action="store_true", help="no progress bars")
     dm.set_defaults(func=_cmd_demo)
 
-    from lwam.experiment import CONDITIONS
+    from lwam.experiment_conditions import CONDITIONS
     ex = sub.add_parser("experiment", help="the demo over seeds x conditions (video co-training ablation, MT10), "
                                            "resumable, with a report", **fmt)
     ex.add_argument("--out", default="runs/experiment",
@@ -436,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--train-steps", type=positive_int, help="policy training steps per run (default: the demo's)")
     ex.add_argument("--vae-steps", type=positive_int, help="VAE training steps (default: the demo's)")
     ex.add_argument("--eval-episodes", type=positive_int, help="evaluation episodes per task (default: the demo's)")
-    ex.add_argument("--blind-episodes", type=positive_int, help="blind-control episodes per task (default: as eval)")
+    ex.add_argument("--blind-episodes", type=positive_int,
+                    help="episodes per task of each image control, blind and shuffled (default: as eval)")
+    _add_demo_data_args(ex)
     ex.add_argument("--jobs", type=positive_int, default=1,
                     help="runs trained side by side (one process and one thread each; at most the core count)")
     ex.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test)")

@@ -1,9 +1,9 @@
 """``lwam demo``: the whole loop on Meta-World, end to end, on whatever machine it runs on.
 
 collect scripted-expert demos (LeRobot format) -> train the tiny preset's VAE on their frames -> cache
-latents -> train the tiny Light-WAM -> evaluate closed-loop on unseen seeds, with a blind-vision control
--> report.json + figures (loss curves, predicted future frames next to the real ones, success per task,
-stage times).
+latents -> train the tiny Light-WAM -> evaluate closed-loop on unseen seeds, with two image controls (blind:
+images zeroed; shuffled: another episode's images, in distribution) -> report.json + figures (loss curves,
+predicted future frames next to the real ones, success per task, stage times).
 """
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ class DemoConfig:
     executed_steps: int = 8
     max_steps: int = 200            # per evaluation episode
     collect_max_steps: int = 200    # per expert episode
-    blind_control: bool = True
+    blind_control: bool = True      # evaluate again with every image zeroed (lwam.envs.evaluate)
+    shuffled_control: bool = True   # ... and with the images of another episode of the same task
+    cameras: tuple[str, ...] = ("corner", "gripper")  # Meta-World cameras (lwam.envs.metaworld), side by side
+    image_size: int = 64            # side of each camera's square image (pixels)
     seed: int = 0
     threads: int = 1                 # intra-op threads for the small-op stages (training, evaluation)
     conv_threads: int | None = None  # for the VAE stages, whose convolutions do scale (default: all cores)
@@ -48,6 +51,11 @@ class DemoConfig:
         """A minutes-long smoke variant for CI: same stages, tiny budgets (no success target)."""
         return cls(tasks=("button-press-topdown-v3",), episodes_per_task=2, window_stride=8, vae_steps=4,
                    train_steps=6, batch_size=4, eval_episodes=1, max_steps=24, collect_max_steps=150)
+
+
+def controls(dcfg: DemoConfig) -> list[str]:
+    """The image controls (``lwam.envs.evaluate`` ``image_control``) the config asks for, in report order."""
+    return [c for c, on in (("blind", dcfg.blind_control), ("shuffled", dcfg.shuffled_control)) if on]
 
 
 @contextmanager
@@ -85,13 +93,19 @@ class _Stages:
 
 
 def demo_model_config(dcfg: DemoConfig, seed: int | None = None, overrides: dict[str, Any] | None = None):
-    """The tiny preset with the demo's training budgets; ``seed`` (default ``dcfg.seed``) seeds training,
-    ``overrides`` ("section.field": value) come last."""
+    """The tiny preset with the demo's training budgets and cameras (``dcfg.cameras`` side by side, each
+    ``image_size`` square: frames [3, image_size, image_size * len(cameras)]); ``seed`` (default ``dcfg.seed``)
+    seeds training, ``overrides`` ("section.field": value) come last."""
+    if not dcfg.cameras:
+        raise ValueError("cameras: expected at least one camera name")
     cfg = get_preset("tiny").replace(**{"train.max_steps": dcfg.train_steps, "train.batch_size": dcfg.batch_size,
                                         "train.lr": dcfg.lr, "train.seed": dcfg.seed if seed is None else seed,
                                         "train.save_every": max(1, dcfg.train_steps // 3),
                                         "train.warmup_steps": min(100, max(1, dcfg.train_steps // 10)),
-                                        "data.executed_steps": dcfg.executed_steps, **dcfg.overrides})
+                                        "data.executed_steps": dcfg.executed_steps,
+                                        "data.cameras": tuple(dcfg.cameras), "data.image_height": dcfg.image_size,
+                                        "data.image_width": dcfg.image_size * len(dcfg.cameras),
+                                        **dcfg.overrides})
     if overrides:
         cfg = cfg.replace(**overrides)
     cfg.validate()
@@ -166,11 +180,12 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
         results["policy"] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes, executed_steps=dcfg.executed_steps,
                                      max_steps=dcfg.max_steps, video_dir=out / "videos", progress=progress,
                                      cameras=cfg.data.cameras, size=cfg.data.image_height)
-    if dcfg.blind_control:
-        with stage("eval_blind"):
-            results["blind"] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes,
-                                        executed_steps=dcfg.executed_steps, max_steps=dcfg.max_steps, blind=True,
-                                        progress=progress, cameras=cfg.data.cameras, size=cfg.data.image_height)
+    for control in controls(dcfg):
+        with stage(f"eval_{control}"):
+            results[control] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes,
+                                        executed_steps=dcfg.executed_steps, max_steps=dcfg.max_steps,
+                                        image_control=control, progress=progress, cameras=cfg.data.cameras,
+                                        size=cfg.data.image_height)
 
     plot_success(results["policy"]["success"], results.get("blind", {}).get("success"), out / "success.png")
     wall = round(time.perf_counter() - t_start, 2)
@@ -181,6 +196,10 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
         "success_rate": results["policy"]["success_rate"],
         "blind_success": results.get("blind", {}).get("success"),
         "blind_success_rate": results.get("blind", {}).get("success_rate"),
+        "shuffled_success": results.get("shuffled", {}).get("success"),
+        "shuffled_success_rate": results.get("shuffled", {}).get("success_rate"),
+        "cameras": list(cfg.data.cameras),
+        "image_size": cfg.data.image_height,
         "eval_episodes_per_task": dcfg.eval_episodes,
         "eval_seed_start": results["policy"]["seed_start"],
         "mean_action_query_latency_ms": results["policy"]["query_latency_ms"],

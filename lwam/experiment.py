@@ -3,8 +3,9 @@
 What does not change between runs is built once and shared: the scripted-expert demonstrations, the decoded
 windows, the VAE trained on their frames and the latent cache. Each (condition, seed) run then trains its own
 policy from its own initialisation and evaluates it closed-loop on the same unseen episode seeds, with the
-blind-vision control. Runs are resumable one by one (a finished run is never repeated, an interrupted one
-resumes from its last training checkpoint), and ``jobs`` runs can train side by side in worker processes.
+image controls (blind: images zeroed; shuffled: another episode's images). Runs are resumable one by one (a
+finished run is never repeated, an interrupted one resumes from its last training checkpoint), and ``jobs``
+runs can train side by side in worker processes.
 
 Layout of ``out_dir``::
 
@@ -12,6 +13,7 @@ Layout of ``out_dir``::
     shared/vae/            vae.safetensors (+ vae.json: its metrics)
     shared/latents.npy     latent cache of every window
     runs/<condition>/seed_<s>/{train/, checkpoint/, result.json}
+    sessions.json          each call's real wall time (start to end)
     report.json, report.md, ablation.png, stage_times.png   (:mod:`lwam.experiment_report`)
 
 A condition is a set of config overrides applied to the demo's training config (:data:`CONDITIONS`). Seed
@@ -27,8 +29,9 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,41 +39,28 @@ import torch
 from lwam._atomic import atomic_write_json
 from lwam._env import environment
 from lwam._logging import logger
-from lwam.demo import DemoConfig, _num_threads, demo_model_config, sim_policy
+from lwam.demo import DemoConfig, _num_threads, controls, demo_model_config, sim_policy
+from lwam.experiment_conditions import CONDITIONS, CONTROLS, DECISIVE_TASKS, MT10_TASKS, Condition
 
-#: The ten Meta-World MT10 tasks (metaworld.MT10's training classes, v3 names).
-MT10_TASKS: tuple[str, ...] = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3",
-                               "drawer-close-v3", "button-press-topdown-v3", "peg-insert-side-v3",
-                               "window-open-v3", "window-close-v3")
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One arm of the experiment: ``overrides(cfg)`` -> config overrides ("section.field": value)."""
-
-    name: str
-    label: str
-    overrides: Callable[[Any], dict[str, Any]]
+__all__ = ["CONDITIONS", "CONTROLS", "DECISIVE_TASKS", "MT10_TASKS", "Condition", "ExperimentConfig",
+           "prepare_shared", "run_config", "run_experiment", "run_one"]
 
 
-CONDITIONS: dict[str, Condition] = {c.name: c for c in (
-    Condition("video", "video co-training (video loss weight 1, the paper's loss)",
-              lambda cfg: {"train.video_loss_weight": 1.0}),
-    Condition("no_video", "no video co-training (video loss weight 0: the video pass is skipped)",
-              lambda cfg: {"train.video_loss_weight": 0.0}),
-    Condition("full_res_video", "video co-training on full-resolution latents (no 2x2 downsampling)",
-              lambda cfg: {"train.video_loss_weight": 1.0, "train.video_downsample": 1}),
-    Condition("full_chunk_loss", "action loss on the whole chunk (not only the executed prefix)",
-              lambda cfg: {"train.action_loss_steps": cfg.data.chunk_size}),
-)}
+#: Creating ``out_dir/STOP`` while an experiment runs lets the running runs finish and starts no other
+#: (removed at the start of the next call).
+STOP_FILE = "STOP"
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
 class ExperimentConfig:
     """``demo``: the pipeline's budgets and tasks (its ``seed`` seeds the shared data and VAE);
     ``seeds``: training seeds (initial weights, data order, flow noise); ``conditions``: names in
-    :data:`CONDITIONS`; ``blind_episodes``: episodes per task of the blind control (default: the
-    demo's ``eval_episodes``); ``jobs``: runs trained side by side (worker processes, ``demo.threads``
+    :data:`CONDITIONS`; ``blind_episodes``: episodes per task of each image control, blind and shuffled
+    (default: the demo's ``eval_episodes``); ``jobs``: runs trained side by side (worker processes, ``demo.threads``
     intra-op threads each)."""
 
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -100,18 +90,26 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
-        demo = dict(d["demo"])
-        demo["tasks"] = tuple(demo["tasks"])
+        demo = _demo_fields(d["demo"])
         return cls(demo=DemoConfig(**demo), seeds=tuple(d["seeds"]), conditions=tuple(d["conditions"]),
                    blind_episodes=d.get("blind_episodes"), jobs=int(d.get("jobs", 1)))
+
+
+def _demo_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A DemoConfig's dict (as experiment.json keeps it) -> DemoConfig keyword arguments; fields an older
+    experiment.json lacks take their defaults (those of the code that wrote it: corner + gripper at 64 px)."""
+    demo = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(DemoConfig)}
+    demo.update({k: v for k, v in d.items() if k in demo})
+    demo["tasks"], demo["cameras"] = tuple(demo["tasks"]), tuple(demo["cameras"])
+    return demo
 
 
 def _same_runs(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two configs (dicts) define the same shared data and the same per-run training, i.e. whether
     ``b`` may resume what ``a`` left. The seed list, the condition list and the job count may differ."""
     def key(d):
-        demo = {k: v for k, v in d["demo"].items() if k not in ("threads", "conv_threads")}
-        demo["tasks"] = list(demo["tasks"])
+        demo = {k: v for k, v in _demo_fields(d["demo"]).items() if k not in ("threads", "conv_threads")}
         return json.dumps({"demo": demo, "blind_episodes": d.get("blind_episodes")}, sort_keys=True, default=str)
     return key(a) == key(b)
 
@@ -256,6 +254,7 @@ def _run_one(out: Path, d: Path, ecfg: ExperimentConfig, condition: str, seed: i
     shared = out / "shared"
     d.mkdir(parents=True, exist_ok=True)
     started = environment(device)  # at the start: the commit whose code this run imported
+    started_utc, t_run = _utc_now(), time.perf_counter()
     times: dict[str, float] = {}
     cfg = run_config(dcfg, condition, seed)
     windows, stats = make_windows(shared / "dataset", cfg, window_stride=dcfg.window_stride, progress=False)
@@ -276,30 +275,44 @@ def _run_one(out: Path, d: Path, ecfg: ExperimentConfig, condition: str, seed: i
     t0 = time.perf_counter()
     ev = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes, **common)
     times["eval"] = round(time.perf_counter() - t0, 2)
-    blind = None
-    if dcfg.blind_control:
+    ctrl: dict[str, dict[str, Any]] = {}
+    for control in controls(dcfg):
         t0 = time.perf_counter()
-        blind = evaluate(policy, list(dcfg.tasks), ecfg.blind_episodes or dcfg.eval_episodes, blind=True, **common)
-        times["eval_blind"] = round(time.perf_counter() - t0, 2)
+        ctrl[control] = evaluate(policy, list(dcfg.tasks), ecfg.blind_episodes or dcfg.eval_episodes,
+                                 image_control=control, **common)
+        times[f"eval_{control}"] = round(time.perf_counter() - t0, 2)
 
     def episodes(r):
         return {t: [int(e["success"]) for e in eps] for t, eps in r["episodes"].items()}
 
+    def steps(r):
+        return {t: [int(e["steps"]) for e in eps] for t, eps in r["episodes"].items()}
+
+    blind = ctrl.get("blind")
     result = {
         "condition": condition, "seed": seed,
         "success": ev["success"], "success_rate": ev["success_rate"], "episodes": episodes(ev),
+        "episode_steps": steps(ev),
         "blind_success": None if blind is None else blind["success"],
         "blind_success_rate": None if blind is None else blind["success_rate"],
         "blind_episodes": None if blind is None else episodes(blind),
+        "controls": {c: {"success": r["success"], "success_rate": r["success_rate"], "episodes": episodes(r),
+                         "episode_steps": steps(r),
+                         "image_seeds": {t: [e.get("image_seed") for e in eps] for t, eps in r["episodes"].items()}}
+                     for c, r in ctrl.items()},
         "eval_seed_start": ev["seed_start"],
+        "cameras": list(cfg.data.cameras), "image_size": cfg.data.image_height,
         "mean_steps_per_task": ev["mean_steps_per_task"],
-        "query_latency_ms": ev["query_latency_ms"],
+        "query_latency_ms": ev["query_latency_ms"], "num_queries": ev["num_queries"],
         "train": {"steps": tr["step"], "steps_per_s": tr["steps_per_s"], "final": tr["metrics"]},
         "stage_seconds": times,
         "overrides": CONDITIONS[condition].overrides(demo_model_config(dcfg, seed)),
         "impl": trainer.impl.to_dict(),
         **started,
     }
+    # Wall time of this call (an interrupted run's earlier attempts are not in it; the train figure then
+    # covers only the resumed steps).
+    result.update(started_utc=started_utc, ended_utc=_utc_now(), wall_seconds=round(time.perf_counter() - t_run, 2))
     # The step checkpoints served only to resume this run; the final checkpoint stays.
     shutil.rmtree(d / "train" / "checkpoints", ignore_errors=True)
     atomic_write_json(d / "result.json", result)
@@ -311,7 +324,8 @@ def run_experiment(out_dir: str | os.PathLike, ecfg: ExperimentConfig | None = N
                    device: str | None = None) -> dict[str, Any]:
     """Shared stage, then every run of ``ecfg.seeds`` x ``ecfg.conditions`` not yet finished, then the report
     of every finished run in ``out_dir`` (also ``out_dir/report.json``). Another call into the same
-    ``out_dir`` must keep the tasks and budgets; it may ask for other seeds and conditions."""
+    ``out_dir`` must keep the tasks and budgets; it may ask for other seeds and conditions. Creating
+    ``out_dir/STOP`` stops the grid after the runs in progress (:data:`STOP_FILE`)."""
     from tqdm.auto import tqdm
 
     from lwam.experiment_report import write_report
@@ -334,7 +348,9 @@ def run_experiment(out_dir: str | os.PathLike, ecfg: ExperimentConfig | None = N
         atomic_write_json(cfg_path, union.to_dict())
     else:
         atomic_write_json(cfg_path, ecfg.to_dict())
-    t_start = time.perf_counter()
+    if (out / STOP_FILE).exists():
+        (out / STOP_FILE).unlink()  # a stop request of an earlier call
+    t_start, started_utc = time.perf_counter(), _utc_now()
     with _num_threads(ecfg.demo.threads if device == "cpu" else None):
         prepare_shared(out, ecfg, progress=progress, device=device)
 
@@ -343,26 +359,52 @@ def run_experiment(out_dir: str | os.PathLike, ecfg: ExperimentConfig | None = N
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="experiment runs", unit="run",
                disable=not progress, dynamic_ncols=True, position=0)
     cfg_dict = ecfg.to_dict()
+    stop = out / STOP_FILE
     try:
         if ecfg.jobs == 1 or len(todo) <= 1:
             for c, s in todo:
+                if stop.exists():
+                    logger.info(f"experiment: {stop} exists: no further run starts")
+                    break
                 bar.set_postfix(condition=c, seed=s)
                 r = run_one(out, cfg_dict, c, s, device, progress)
                 bar.update(1)
-                bar.write(f"  {c} seed {s}: success {_pct(r['success'])}  blind {_pct(r['blind_success'])}")
+                bar.write(f"  {c} seed {s}: {_line(r)}")
         else:
             import multiprocessing as mp
             with ProcessPoolExecutor(max_workers=ecfg.jobs, mp_context=mp.get_context("spawn")) as pool:
                 futures = {pool.submit(run_one, str(out), cfg_dict, c, s, device, False): (c, s) for c, s in todo}
                 for fut in as_completed(futures):
+                    if fut.cancelled():
+                        continue
                     c, s = futures[fut]
                     r = fut.result()
                     bar.update(1)
-                    bar.write(f"  {c} seed {s}: success {_pct(r['success'])}  blind {_pct(r['blind_success'])}")
+                    bar.write(f"  {c} seed {s}: {_line(r)}")
+                    if stop.exists() and any(f.cancel() for f in futures):
+                        logger.info(f"experiment: {stop} exists: the runs not yet started are cancelled "
+                                    f"(a run already handed to a worker still finishes)")
     finally:
         bar.close()
+        _record_session(out, started_utc, time.perf_counter() - t_start, ecfg.jobs,
+                        sum((run_dir(out, c, s) / "result.json").exists() for c, s in todo))
     logger.info(f"experiment: {len(todo)} run(s) in {time.perf_counter() - t_start:.0f}s")
     return write_report(out)
+
+
+def _record_session(out: Path, started_utc: str, seconds: float, jobs: int, runs: int) -> None:
+    """Append this call's real wall time (start to end, shared stage included) to ``sessions.json``: the
+    report's wall time is the sum over the calls that built the experiment."""
+    path = out / "sessions.json"
+    sessions = json.loads(path.read_text()) if path.exists() else []
+    sessions.append({"started_utc": started_utc, "ended_utc": _utc_now(), "wall_seconds": round(seconds, 2),
+                     "jobs": jobs, "runs_finished": int(runs), "cpu_count": os.cpu_count()})
+    atomic_write_json(path, sessions)
+
+
+def _line(r: dict[str, Any]) -> str:
+    ctrl = "  ".join(f"{k} {_pct(v.get('success'))}" for k, v in (r.get("controls") or {}).items())
+    return f"success {_pct(r['success'])}  {ctrl}".rstrip()
 
 
 def _pct(d: dict[str, float] | None) -> str:
