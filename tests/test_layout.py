@@ -82,8 +82,9 @@ def _defs(name: str) -> list[str]:
 def test_robot_policy_contract_is_defined_once():
     assert _defs("select_action") == ["lwam/policy/base.py:RobotPolicy"]
     assert sorted(set(_defs("executed_steps"))) == ["lwam/policy/base.py:RobotPolicy"]  # getter + setter
-    policy_resets = [d for d in _defs("reset") if d.startswith(("lwam/policy/", "lwam/serving/"))]
+    policy_resets = [d for d in _defs("reset") if d.endswith("Policy")]
     assert policy_resets == ["lwam/policy/base.py:RobotPolicy"]
+    assert {d.split(":")[1] for d in _defs("predict_batch")} == {"ModelPolicy", "Policy", "EagerPolicy"}
 
 
 def test_every_exception_class_lives_in_errors_under_lwam_error():
