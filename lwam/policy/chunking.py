@@ -160,7 +160,8 @@ class ChunkScheduler:
         self.stats = SchedulerStats()
 
     @property
-    def executed_steps(self) -> int:
+    def horizon(self) -> int:
+        """The execution horizon now (``executed_steps``, read from its callable when given one)."""
         n = self._executed_steps() if callable(self._executed_steps) else self._executed_steps
         return int(n)
 
@@ -171,7 +172,7 @@ class ChunkScheduler:
         lat = self.requests.latency_s()
         if lat is None:
             return 0
-        return min(self.executed_steps - 1, max(0, math.ceil(lat * self.control_hz)))
+        return min(self.horizon - 1, max(0, math.ceil(lat * self.control_hz)))
 
     # --- the per-step logic --------------------------------------------------------------------
     def _request(self, observation: Any) -> None:
@@ -200,7 +201,7 @@ class ChunkScheduler:
         if self.chunk is None and self.pending is None:
             self._request(observation)
             self._absorb()
-        horizon = self.executed_steps
+        horizon = self.horizon
         if self.chunk is not None and self.pending is None and horizon - (self.executed - self.start) <= self.lead_steps:
             self._request(observation)
             self._absorb()
