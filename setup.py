@@ -7,13 +7,18 @@ The compiled extension ``lwam._C`` (csrc/: the latent-downsampling ops) is built
 - a CUDAExtension (CPU + CUDA kernels) when the installed torch was built with CUDA
   (``torch.version.cuda``) and nvcc is found; device code for ``TORCH_CUDA_ARCH_LIST`` when set,
   else sm_80 and sm_90 (+ PTX of compute_90 for newer GPUs);
-- a CppExtension (CPU kernel only; CUDA tensors then use the reference) otherwise;
+- a CppExtension (CPU kernel only; CUDA tensors then use the reference) when torch has no CUDA, or when
+  it has but no usable nvcc was found and ``LWAM_ALLOW_FALLBACK=1`` is set (without it the install stops);
 - nothing (pure Python: every op falls back to its reference) when ``LWAM_NO_EXTENSION=1``, when
   torch cannot be imported at build time, when no C++ compiler is found, or when a CPU-only build fails
   (``LWAM_REQUIRE_EXTENSION=1`` turns that into an error too).
 
 A failed CUDA build (torch has CUDA and nvcc exists) is an error: pip fails instead of installing pure
 Python silently. ``LWAM_ALLOW_FALLBACK=1`` asks for the pure-Python fallback instead.
+With CUDA torch, these stop the install before anything compiles, with one line ``[lwam setup] ERROR: ...``
+(``LWAM_ALLOW_FALLBACK=1`` builds the CppExtension instead and records why): ``CUDA_HOME`` (or
+``CUDA_PATH``) set to a directory that does not exist or holds no bin/nvcc; no nvcc at all (neither there,
+nor on PATH, nor in /usr/local/cuda/bin); an nvcc with no toolkit behind it.
 
 The CUDA root is where nvcc really lives: ``CUDA_HOME``/``CUDA_PATH`` when they hold bin/nvcc, else the
 directory nvcc itself reports (``nvcc --dryrun``), so an nvcc on PATH that is a wrapper script
@@ -81,11 +86,44 @@ def nvcc_compile_flags() -> list[str]:
     return NVCC_FLAGS + ["-DLWAM_WITH_CUDA"] + cuda_arch_flags()
 
 
+# Where nvcc is looked for after CUDA_HOME/CUDA_PATH and PATH (torch's own last guess too).
+NVCC_FALLBACK_DIRS = ("/usr/local/cuda/bin",)
+
+
+def _cuda_home_var(env=None) -> tuple[str, str] | None:
+    """(name, value) of the CUDA root variable in effect: CUDA_HOME, else CUDA_PATH (empty means unset)."""
+    env = os.environ if env is None else env
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if env.get(var):
+            return var, env[var]
+    return None
+
+
+def cuda_home_problem(env=None) -> str | None:
+    """Why the CUDA root variable in effect cannot be used (it names no directory, or one without bin/nvcc),
+    or None when it is usable or unset."""
+    found = _cuda_home_var(env)
+    if found is None:
+        return None
+    var, home = found
+    if not os.path.isdir(home):
+        return f"{var}={home} does not exist"
+    if not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return f"{var}={home} holds no bin/nvcc"
+    return None
+
+
 def _find_nvcc() -> str | None:
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        return os.path.join(cuda_home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    found = _cuda_home_var()
+    if found and os.path.exists(os.path.join(found[1], "bin", "nvcc")):
+        return os.path.join(found[1], "bin", "nvcc")
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return on_path
+    for d in NVCC_FALLBACK_DIRS:
+        if os.access(os.path.join(d, "nvcc"), os.X_OK):
+            return os.path.join(d, "nvcc")
+    return None
 
 
 def _run_nvcc(nvcc: str, args: list[str]) -> str:
@@ -140,13 +178,28 @@ def _plan():
     info = {"torch": torch.__version__, "cuda": torch.version.cuda}
     if not _have_cxx():
         return "python", "no C++ compiler found (set CXX or install g++)", [], None, info
-    nvcc = _find_nvcc()
-    if torch.version.cuda is not None and nvcc is not None:
+    cpu_ext = cpp_extension.CppExtension(
+        name="lwam._C",
+        sources=CPP_SOURCES,
+        include_dirs=[CSRC],
+        extra_compile_args={"cxx": CXX_FLAGS},
+    )
+    if torch.version.cuda is not None:
+        # Kind "error": the install stops (see _resolve_plan) unless LWAM_ALLOW_FALLBACK=1 takes cpu_ext.
+        problem = cuda_home_problem()
+        if problem is not None:
+            return "error", (f"torch {torch.__version__} has CUDA {torch.version.cuda} but {problem}: point it "
+                             f"at the CUDA toolkit or unset it"), [cpu_ext], cpp_extension.BuildExtension, info
+        nvcc = _find_nvcc()
+        if nvcc is None:
+            return "error", (f"torch {torch.__version__} has CUDA {torch.version.cuda} but no nvcc was found "
+                             f"(CUDA_HOME, PATH, {', '.join(NVCC_FALLBACK_DIRS)}): install the CUDA toolkit or set "
+                             f"CUDA_HOME"), [cpu_ext], cpp_extension.BuildExtension, info
         root = cuda_root(nvcc)
         if root is None:
             return "error", (f"torch has CUDA {torch.version.cuda} and nvcc is at {nvcc}, but no CUDA toolkit "
-                             f"root with include/cuda_runtime.h was found behind it: set CUDA_HOME (or "
-                             f"LWAM_ALLOW_FALLBACK=1 for pure Python)"), [], None, info
+                             f"root with include/cuda_runtime.h was found behind it: set CUDA_HOME"),\
+                [cpu_ext], cpp_extension.BuildExtension, info
         # torch.utils.cpp_extension guessed its CUDA_HOME at import (from nvcc's location on PATH, which for
         # a wrapper script is the wrong tree): use the real root for this build.
         os.environ["CUDA_HOME"] = root
@@ -163,17 +216,19 @@ def _plan():
         )
         reason = f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc {info['nvcc']} is at {nvcc}"
         return "cuda", reason, [ext], cpp_extension.BuildExtension, info
-    if torch.version.cuda is None:
-        why = f"torch {torch.__version__} was built without CUDA"
-    else:
-        why = f"torch has CUDA {torch.version.cuda} but nvcc was not found (set CUDA_HOME)"
-    ext = cpp_extension.CppExtension(
-        name="lwam._C",
-        sources=CPP_SOURCES,
-        include_dirs=[CSRC],
-        extra_compile_args={"cxx": CXX_FLAGS},
-    )
-    return "cpu", why + ": CPU kernel only", [ext], cpp_extension.BuildExtension, info
+    why = f"torch {torch.__version__} was built without CUDA"
+    return "cpu", why + ": CPU kernel only", [cpu_ext], cpp_extension.BuildExtension, info
+
+
+def _resolve_plan(plan, env=None):
+    """A plan of kind "error" becomes the CppExtension build when ``LWAM_ALLOW_FALLBACK=1`` (the reason says
+    so); otherwise it stays "error" and ``setup.py`` stops with one line before building anything."""
+    env = os.environ if env is None else env
+    kind, reason, exts, base, info = plan
+    if kind == "error" and env.get("LWAM_ALLOW_FALLBACK", "") == "1":
+        kind = "cpu" if exts else "python"
+        reason = f"{reason}; LWAM_ALLOW_FALLBACK=1: " + ("CPU kernel only" if exts else "installed pure Python")
+    return kind, reason, exts, base, info
 
 
 def _write_build_info(dirs: list[str], info: dict) -> None:
@@ -218,10 +273,7 @@ def failed_build_outcome(kind: str, why: str, env=None) -> dict:
     return {"kind": "python", "reason": why + ("; LWAM_ALLOW_FALLBACK=1: installed pure Python" if allow else "")}
 
 
-KIND, REASON, EXT_MODULES, BUILD_EXT_BASE, INFO = _plan()
-if KIND == "error":  # CUDA torch + nvcc, but no usable toolkit behind it
-    INFO.update(failed_build_outcome(KIND, REASON))
-    KIND, REASON = INFO["kind"], INFO["reason"]
+KIND, REASON, EXT_MODULES, BUILD_EXT_BASE, INFO = _resolve_plan(_plan())
 INFO.update({"kind": KIND, "reason": REASON})
 
 
@@ -269,6 +321,9 @@ if BUILD_EXT_BASE is not None:
 packages = find_packages(include=["lwam", "lwam.*"]) + ["lwam.kernels"]
 
 if __name__ == "__main__":
+    if KIND == "error":  # CUDA torch without a usable toolkit: one line, no traceback, nothing built
+        raise SystemExit(f"[lwam setup] ERROR: {REASON} (or set LWAM_ALLOW_FALLBACK=1 to install without the CUDA "
+                         f"kernels)")
     setup(
         packages=packages,
         package_dir={"lwam.kernels": "kernels"},

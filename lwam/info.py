@@ -2,6 +2,7 @@
 --build``: the lwam._C build record, whether the extension loads, Triton, the GPU and its kernel config)."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -104,7 +105,11 @@ def build_info() -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001  (a broken install is reported, not raised)
             triton["error"] = f"{type(exc).__name__}: {exc}"
     record["triton"] = triton
-    if torch.cuda.is_available():
+    record["kernels"] = kernels_status(triton["installed"])
+    cuda = torch.cuda.is_available()
+    verdict, why = cuda_extension_verdict(cuda, st)
+    record["cuda_extension"] = {"verdict": verdict, "reason": why}
+    if cuda:
         cc = torch.cuda.get_device_capability(0)
         gpu: dict[str, Any] = {"name": torch.cuda.get_device_name(0), "capability": list(cc)}
         if triton.get("version"):
@@ -115,6 +120,48 @@ def build_info() -> dict[str, Any]:
             gpu["shared_memory_limit"] = kq.shared_memory_limit(cc)
         record["gpu"] = gpu
     return record
+
+
+def kernels_status(triton_installed: bool) -> dict[str, Any]:
+    """Whether ``lwam.kernels.query_pool`` (the Triton kernels, installed from kernels/) imports:
+    {"importable": bool, "error": str (when not)}. With Triton installed a failure means a broken install
+    (setup.py maps kernels/ to lwam.kernels) or a Triton the kernels do not support."""
+    if not triton_installed:
+        return {"importable": False, "error": "triton is not installed"}
+    try:
+        import lwam.kernels.query_pool  # noqa: F401
+    except Exception as exc:  # noqa: BLE001  (reported, not raised: the caller decides)
+        return {"importable": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"importable": True}
+
+
+def fallback_allowed(build_record: dict[str, Any], env=None) -> bool:
+    """``LWAM_ALLOW_FALLBACK=1`` now, or recorded by setup.py as the reason of the installed build."""
+    env = os.environ if env is None else env
+    return env.get("LWAM_ALLOW_FALLBACK", "") == "1" or "LWAM_ALLOW_FALLBACK=1" in build_record.get("reason", "")
+
+
+def cuda_extension_verdict(cuda_available: bool, status: Any, env=None) -> tuple[str, str]:
+    """What lwam._C means for CUDA tensors here, as (verdict, reason):
+
+    - "not-applicable": no CUDA device;
+    - "ok": the loaded binary has CUDA kernels;
+    - "fallback": it has none (or is missing) and the fallback was asked for (LWAM_ALLOW_FALLBACK=1, now or
+      at install): CUDA tensors use the reference, and the CUDA-kernel tests skip;
+    - "missing": it has none and nobody asked for that: a CPU-only build on a CUDA machine must fail the
+      CUDA-extension tests, not pass them on the reference.
+
+    ``status`` is an :class:`lwam.ops._extension.ExtensionStatus` (``available``, ``with_cuda``,
+    ``reason``, ``build_info``)."""
+    if not cuda_available:
+        return "not-applicable", "no CUDA device"
+    if status.available and status.with_cuda:
+        return "ok", status.reason
+    what = status.reason if not status.available else f"lwam._C has no CUDA kernels ({status.reason})"
+    if fallback_allowed(status.build_info, env):
+        return "fallback", f"{what}; LWAM_ALLOW_FALLBACK=1: CUDA tensors use the reference"
+    return "missing", (f"{what}, on a machine with a CUDA device: reinstall with nvcc available "
+                       f"(`pip install --no-build-isolation -e .`), or set LWAM_ALLOW_FALLBACK=1 to accept it")
 
 
 def format_build_info(record: dict[str, Any]) -> str:
@@ -131,6 +178,12 @@ def format_build_info(record: dict[str, Any]) -> str:
     lines.append(f"running: torch {r['torch']} (CUDA {r['cuda'] or 'none'}, Python {r['python']})")
     t = record["triton"]
     lines.append("triton: " + (t.get("version") or t.get("error") or "not installed"))
+    k = record.get("kernels", {})
+    if t.get("installed"):
+        lines.append("lwam.kernels: " + ("importable" if k.get("importable") else f"NOT importable ({k.get('error')})"))
+    c = record.get("cuda_extension")
+    if c and c["verdict"] != "not-applicable":
+        lines.append(f"lwam._C on CUDA: {c['verdict']} ({c['reason']})")
     if "gpu" in record:
         g = record["gpu"]
         lines.append(f"gpu: {g['name']} (sm_{g['capability'][0]}{g['capability'][1]})")
@@ -140,3 +193,11 @@ def format_build_info(record: dict[str, Any]) -> str:
     else:
         lines.append("gpu: none")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # ``python -m lwam.info [--json]``: the build report without the CLI
+    import json
+    import sys
+
+    rec = build_info()
+    print(json.dumps(rec, indent=2, default=str) if "--json" in sys.argv[1:] else format_build_info(rec))

@@ -1,11 +1,16 @@
 """setup.py's decisions, with its probes monkeypatched (no GPU, no CUDA torch, no real nvcc needed):
-a failed CUDA build with CUDA torch + nvcc present is a failure unless a fallback is asked for; the CUDA
-root is found behind an nvcc wrapper script; ``lwam info --build`` shows what was built."""
+a failed CUDA build with CUDA torch + nvcc present is a failure unless a fallback is asked for; with CUDA
+torch a nonexistent CUDA_HOME or no nvcc at all stops the install with one line unless
+LWAM_ALLOW_FALLBACK=1; the CUDA root is found behind an nvcc wrapper script; ``lwam info --build`` shows
+what was built. The install checks (marked ``install_check``; benchmarks/gpu_check.sh runs them in the GPU
+tier too): the Triton kernels were installed as ``lwam.kernels``, and on a CUDA machine lwam._C has its
+CUDA kernels unless a fallback was asked for."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,10 +73,73 @@ def test_plan_uses_the_real_root_with_cuda_torch(setup_py, tmp_path, monkeypatch
     assert kind == "cuda", reason
     assert info["cuda_home"] == str(root) and cpp_extension.CUDA_HOME == str(root)
     assert info["nvcc"] == "99.1" and exts and exts[0].name == "lwam._C"
-    # no toolkit behind nvcc at all: an error outcome, not a CppExtension
+    # no toolkit behind nvcc at all: an error outcome (the CppExtension only as the asked-for fallback)
     monkeypatch.setattr(setup_py, "cuda_root", lambda nvcc: None)
-    kind, reason, exts, _base, _info = setup_py._plan()
-    assert kind == "error" and "CUDA_HOME" in reason and not exts
+    plan = setup_py._plan()
+    assert plan[0] == "error" and "CUDA_HOME" in plan[1]
+    assert setup_py._resolve_plan(plan, env={})[0] == "error"
+    kind, reason, exts, _base, _info = setup_py._resolve_plan(plan, env={"LWAM_ALLOW_FALLBACK": "1"})
+    assert kind == "cpu" and "LWAM_ALLOW_FALLBACK=1" in reason and exts[0].name == "lwam._C"
+
+
+def test_cuda_torch_with_a_nonexistent_cuda_home_or_no_nvcc_is_an_error(setup_py, tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    root, wrapper = _fake_toolkit(tmp_path)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME)  # _plan sets it: restore it after
+    cxx = shutil.which(os.environ.get("CXX", "c++").split()[0]) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler: setup.py plans pure Python before looking at CUDA")
+    monkeypatch.setenv("CXX", cxx)  # found by its absolute path when PATH is narrowed below
+    for var in ("CUDA_HOME", "CUDA_PATH", "LWAM_NO_EXTENSION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "99.1")
+    monkeypatch.setenv("PATH", str(wrapper.parent))  # an nvcc on PATH does not excuse a wrong CUDA_HOME
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-such-cuda"))
+    kind, reason, *_ = setup_py._plan()
+    assert kind == "error" and f"CUDA_HOME={tmp_path / 'no-such-cuda'} does not exist" in reason
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # exists, holds no bin/nvcc
+    kind, reason, *_ = setup_py._plan()
+    assert kind == "error" and "holds no bin/nvcc" in reason
+    monkeypatch.setenv("CUDA_HOME", str(root))
+    assert setup_py._plan()[0] == "cuda"
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("CUDA_PATH", str(tmp_path / "no-such-cuda"))
+    assert "CUDA_PATH=" in setup_py._plan()[1]
+    monkeypatch.delenv("CUDA_PATH")
+    # no nvcc anywhere: not on PATH, not in the fallback directories
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(setup_py, "NVCC_FALLBACK_DIRS", (str(tmp_path / "nothing"),))
+    plan = setup_py._plan()
+    assert plan[0] == "error" and "no nvcc was found" in plan[1]
+    kind, reason, exts, *_ = setup_py._resolve_plan(plan, env={"LWAM_ALLOW_FALLBACK": "1"})
+    assert kind == "cpu" and "CPU kernel only" in reason and exts
+    # ... but one in a fallback directory (e.g. /usr/local/cuda/bin, off PATH) is found
+    monkeypatch.setattr(setup_py, "NVCC_FALLBACK_DIRS", (str(root / "bin"),))
+    assert setup_py._plan()[0] == "cuda"
+    monkeypatch.setattr(torch.version, "cuda", None)  # CPU torch: CUDA_HOME is irrelevant
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-such-cuda"))
+    assert setup_py._plan()[0] == "cpu"
+
+
+_CUDA_TORCH_SETUP = ("import runpy, sys, torch; torch.version.cuda = '99.1'; sys.argv = ['setup.py', '--name']; "
+                     "runpy.run_path('setup.py', run_name='__main__')")
+
+
+def test_setup_py_stops_with_one_line_on_a_nonexistent_cuda_home(tmp_path):
+    """setup.py run as pip runs it (CUDA torch simulated): one error line, no traceback, nothing built;
+    with LWAM_ALLOW_FALLBACK=1 it goes on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LWAM_ALLOW_FALLBACK", "LWAM_NO_EXTENSION", "CUDA_PATH")}
+    env["CUDA_HOME"] = str(tmp_path / "no-such-cuda")
+    proc = subprocess.run([sys.executable, "-c", _CUDA_TORCH_SETUP], cwd=str(ROOT), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[lwam setup] ERROR: ") and "Traceback" not in proc.stderr
+    assert f"CUDA_HOME={tmp_path / 'no-such-cuda'} does not exist" in lines[0] and "LWAM_ALLOW_FALLBACK=1" in lines[0]
+    proc = subprocess.run([sys.executable, "-c", _CUDA_TORCH_SETUP], cwd=str(ROOT),
+                          env=dict(env, LWAM_ALLOW_FALLBACK="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "lwam", proc.stderr
 
 
 def _build_ext_cmd(setup_py, tmp_path):
@@ -133,3 +201,51 @@ def test_lwam_info_build_shows_what_was_built():
                          text=True, env=env, cwd=str(ROOT), timeout=300)
     record = json.loads(out.stdout)
     assert record["build_record"] == info and isinstance(record["extension"]["available"], bool)
+
+
+class _Status:
+    def __init__(self, available=True, with_cuda=False, reason="lwam._C loaded (CPU kernel only)", build_info=None):
+        self.available, self.with_cuda, self.reason = available, with_cuda, reason
+        self.build_info = build_info if build_info is not None else {"kind": "cpu", "reason": "no nvcc"}
+
+
+def test_cuda_extension_verdict():
+    from lwam.info import cuda_extension_verdict
+
+    assert cuda_extension_verdict(False, _Status(), env={})[0] == "not-applicable"
+    assert cuda_extension_verdict(True, _Status(with_cuda=True), env={})[0] == "ok"
+    verdict, why = cuda_extension_verdict(True, _Status(), env={})  # a CPU-only build on a CUDA machine
+    assert verdict == "missing" and "no CUDA kernels" in why and "LWAM_ALLOW_FALLBACK=1" in why
+    assert cuda_extension_verdict(True, _Status(available=False, reason="not built"), env={})[0] == "missing"
+    assert cuda_extension_verdict(True, _Status(), env={"LWAM_ALLOW_FALLBACK": "1"})[0] == "fallback"
+    recorded = _Status(build_info={"kind": "cpu", "reason": "no nvcc; LWAM_ALLOW_FALLBACK=1: CPU kernel only"})
+    assert cuda_extension_verdict(True, recorded, env={})[0] == "fallback"  # asked for at install time
+
+
+@pytest.mark.install_check
+def test_triton_kernels_are_installed_as_lwam_kernels():
+    """With Triton installed, ``lwam.kernels`` must import: an install that dropped it would turn every
+    fused path into its reference fallback, and the kernel tests into skips."""
+    import importlib.util
+
+    from lwam.info import kernels_status
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    status = kernels_status(True)
+    assert status["importable"], f"lwam.kernels does not import: {status.get('error')}"
+
+
+@pytest.mark.gpu
+@pytest.mark.install_check
+def test_cuda_machine_runs_the_cuda_extension():
+    """On a CUDA machine lwam._C must carry its CUDA kernels (a CPU-only build fails here instead of the
+    CUDA tests passing on the reference), unless LWAM_ALLOW_FALLBACK=1 asked for that."""
+    from lwam.info import cuda_extension_verdict
+    from lwam.ops import _extension
+
+    verdict, why = cuda_extension_verdict(torch.cuda.is_available(), _extension.status())
+    if verdict == "fallback":
+        pytest.skip(why)
+    assert verdict == "ok", why
+    assert _extension.read_build_info().get("kind") == "cuda"
