@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -29,9 +30,45 @@ CUDA_EXTENSION_MODULES = {"test_latent_downsample.py"}
 def pytest_configure(config):
     config.addinivalue_line("markers", "install_check: checks of the installed package that the GPU tier runs "
                                        "too (benchmarks/gpu_check.sh: -m 'gpu or install_check')")
+    config.addinivalue_line("markers", "lwam_kernels_missing(error): set by conftest on kernel tests that "
+                                       "would skip although Triton is installed; they fail instead")
+
+
+def _kernels_import_error() -> str | None:
+    """Why ``lwam.kernels`` does not import although Triton is installed (an install that dropped it, or a
+    Triton the kernels do not support), else None."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from lwam.info import kernels_status
+
+    status = kernels_status(True)
+    return None if status["importable"] else status["error"]
+
+
+def _fail_hidden_kernel_skips(items) -> None:
+    """A kernel test that would skip because "triton is not installed" while Triton is installed hides a
+    broken install: it fails instead (in setup, with the import error)."""
+    error = _kernels_import_error()
+    if error is None:
+        return
+    for item in items:
+        hidden = [m for m in item.own_markers if m.name in ("skip", "skipif")
+                  and "triton is not installed" in str(m.kwargs.get("reason", ""))]
+        if hidden:
+            item.own_markers[:] = [m for m in item.own_markers if m not in hidden]
+            item.add_marker(pytest.mark.lwam_kernels_missing(error))
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("lwam_kernels_missing")
+    if marker is not None:
+        pytest.fail(f"triton is installed but lwam.kernels does not import ({marker.args[0]}): the install "
+                    f"dropped the Triton kernels; reinstall with `pip install --no-build-isolation -e .`",
+                    pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):
+    _fail_hidden_kernel_skips(items)
     if not _CUDA:
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -249,3 +249,39 @@ def test_cuda_machine_runs_the_cuda_extension():
         pytest.skip(why)
     assert verdict == "ok", why
     assert _extension.read_build_info().get("kind") == "cuda"
+
+
+DROP_KERNELS_PLUGIN = '''
+import sys
+
+class _NoKernels:
+    """An install that dropped kernels/: lwam.kernels cannot be found."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "lwam.kernels" or name.startswith("lwam.kernels."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoKernels())
+'''
+
+
+def test_kernel_tests_fail_not_skip_when_an_install_dropped_lwam_kernels(tmp_path):
+    """Triton installed, lwam.kernels missing: tests/test_query_pool.py's kernel tests (which skip as
+    "triton is not installed" when the import fails) fail with the import error instead; the others run."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    (tmp_path / "drop_lwam_kernels.py").write_text(DROP_KERNELS_PLUGIN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    env.pop("PYTEST_ADDOPTS", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "drop_lwam_kernels",
+                           "tests/test_query_pool.py", "-rA", "-k",
+                           "test_fused_noncontiguous_shared_strides or test_unfused_is_exactly_the_reference"],
+                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    summary = out.strip().splitlines()[-1]
+    assert "1 passed" in summary and "1 error" in summary and "skipped" not in summary, out[-3000:]
+    assert "ERROR tests/test_query_pool.py::test_fused_noncontiguous_shared_strides" in out
+    assert "lwam.kernels does not import" in out
