@@ -4,8 +4,10 @@ on CUDA, against the device copy bandwidth (Tensor.copy_ of the input's bytes).
 Shapes: the paper's training latents [B=16, C=16, T=3, H=28, W=56] at factor 2, and a large shape
 (where the CUDA target is >= 85% of copy bandwidth). Every case checks correctness first, warms up,
 synchronises before reading the clock, and reports achieved GB/s = (bytes read + bytes written) / median
-in ``extra_info``. Run: ``python -m pytest benchmarks/test_bench_latent_downsample.py --benchmark-only``.
-With LWAM_BENCH_RECORD=1 a JSON record is written to benchmarks/results/.
+in ``extra_info``. On CUDA the copy comes first at each shape and dtype, so that every later case has its
+yardstick (``fraction_of_copy_bandwidth``). Run:
+``python -m pytest benchmarks/test_bench_latent_downsample.py --benchmark-only``. With LWAM_BENCH_RECORD=1 a
+JSON record is written to benchmarks/results/, rewritten after every case (a cut run keeps what it measured).
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ FACTOR = 2
 PAPER = (16, 16, 3, 28, 56)
 LARGE = (32, 16, 16, 128, 128) if DEVICE == "cuda" else (8, 16, 8, 64, 128)
 DTYPES = [torch.bfloat16, torch.float32] if DEVICE == "cuda" else [torch.float32, torch.bfloat16]
-_RESULTS: list[dict] = []
 
 
 def _sync():
@@ -65,13 +66,35 @@ def _cases(x, grad):
     return cases
 
 
-CASE_NAMES = ["lwam", "avg_pool3d", "avg_pool3d_compiled", "lwam_backward", "avg_pool3d_backward", "copy"]
+CASE_NAMES = ["copy", "lwam", "lwam_backward", "avg_pool3d", "avg_pool3d_backward", "avg_pool3d_compiled"]
+
+
+@pytest.fixture(scope="module")
+def record():
+    """This run's record (``_record.Record``), rewritten after every case; marked complete at the end."""
+    rec = _rec.Record("latent_downsample", DEVICE, implementation=implementation(DEVICE))
+    yield rec
+    path = rec.finish()
+    if path is not None:
+        print(f"record: {path}")
+
+
+def _derived(results: list[dict]) -> dict:
+    """Fraction of copy bandwidth per row (where the copy was measured at that shape and dtype), and the
+    median GB/s of each case: recomputed after every case."""
+    by_key = {(r["shape"][0], r["dtype"], r["case"]): r for r in results}
+    for r in results:
+        copy = by_key.get((r["shape"][0], r["dtype"], "copy"))
+        if copy is not None:
+            r["fraction_of_copy_bandwidth"] = r["GB/s"] / copy["GB/s"]
+    return {"median_GB/s_by_case": {c: statistics.median(r["GB/s"] for r in results if r["case"] == c)
+                                    for c in sorted({r["case"] for r in results})}}
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("shape", [PAPER, LARGE], ids=["paper", "large"])
-def test_bench_latent_downsample(benchmark, shape, dtype, case):
+def test_bench_latent_downsample(benchmark, record, shape, dtype, case):
     if case == "copy" and DEVICE != "cuda":
         pytest.skip("copy bandwidth is the CUDA yardstick")
     torch.manual_seed(0)
@@ -91,26 +114,9 @@ def test_bench_latent_downsample(benchmark, shape, dtype, case):
     gbps = nbytes / median / 1e9
     benchmark.extra_info.update({"GB/s": round(gbps, 2), "bytes": nbytes, "device": DEVICE,
                                  "impl": implementation(DEVICE) if case.startswith("lwam") else case})
-    _RESULTS.append({
+    record.results.append({
         "case": case, "shape": list(shape), "factor": FACTOR, "dtype": str(dtype).replace("torch.", ""),
         "median_s": median, "GB/s": gbps, "bytes": nbytes,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None,
     })
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _record():
-    """With LWAM_BENCH_RECORD=1: one JSON record of this module's results under benchmarks/results/."""
-    yield
-    if not _rec.recording() or not _RESULTS:
-        return
-    by_key = {(r["shape"][0], r["dtype"], r["case"]): r for r in _RESULTS}
-    for r in _RESULTS:  # fraction of copy bandwidth, where measured
-        copy = by_key.get((r["shape"][0], r["dtype"], "copy"))
-        if copy is not None:
-            r["fraction_of_copy_bandwidth"] = r["GB/s"] / copy["GB/s"]
-    path = _rec.write_record("latent_downsample", DEVICE, _RESULTS, implementation=implementation(DEVICE),
-                             **{"median_GB/s_by_case": {c: statistics.median(r["GB/s"] for r in _RESULTS if r["case"] == c)
-                                                        for c in {r["case"] for r in _RESULTS}}})
-    if path is not None:
-        print(f"record: {path}")
+    record.update(**_derived(record.results))

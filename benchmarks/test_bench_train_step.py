@@ -13,35 +13,35 @@ F.avg_pool3d, eager), ``fast_eager`` (every fast change but torch.compile) and `
 (``ImplConfig.fast()``, what ``lwam train`` runs). On CPU the fast cases keep the plain pooler: without a
 GPU the fused pooling op runs in Triton's *interpreter*, an emulator whose timing means nothing (its
 equality is tested in tests/), and without the interpreter it falls back to that plain pooler anyway.
-Before timing, the module checks (not times) that each case's first step gives the reference loss
-(lwam.testing tolerance of the compute dtype). Each case warms up (compile included), synchronises before
-reading the clock (``torch.cuda.synchronize``), and reports samples/s = batch / median step time. Peak memory
-is ``torch.cuda.max_memory_allocated`` over the timed rounds (model, gradients and optimizer state included);
-on CPU it is recorded as None (not measured: a process RSS high-water mark cannot be reset per case). CPU
-runs use one intra-op thread (the record's ``threads``).
+One trainer at a time: each case builds its Trainer from the same initial weights (kept on the CPU), and
+frees it before the next case starts, so its peak memory is its own. Before timing, each case's first step
+must give the reference loss (lwam.testing tolerance of the compute dtype; a mismatch fails the case after
+its row is recorded). Each case warms up (compile included), synchronises before reading the clock
+(``torch.cuda.synchronize``), and reports samples/s = batch / median step time. Peak memory is
+``torch.cuda.max_memory_allocated`` from before the trainer is built to the end of its timed rounds (model,
+gradients, optimizer state and activations; nothing of another case); on CPU it is recorded as None (not
+measured: a process RSS high-water mark cannot be reset per case). CPU runs use one intra-op thread (the
+record's ``threads``).
 
 Run: ``python -m pytest benchmarks/test_bench_train_step.py --benchmark-only``; with LWAM_BENCH_RECORD=1 a
-JSON record goes to benchmarks/results/ (``_record``). ``LWAM_BENCH_PRESET`` overrides the preset.
+JSON record goes to benchmarks/results/ (``_record``), rewritten after every case. ``LWAM_BENCH_PRESET``
+overrides the preset.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import os
 
 import pytest
 import torch
 
-from lwam.config import ImplConfig, get_preset
+from _record import Record
+from lwam import ImplConfig, Trainer, get_preset
 from lwam.model.fast import check_frozen
 from lwam.model.lightwam import LightWAM
 from lwam.testing import assert_close
-from lwam.train import Trainer
-
-try:
-    import _record
-except ImportError:  # run without benchmarks/conftest.py on the path
-    _record = None
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -58,7 +58,6 @@ CASES = {
     "fast_eager": _FAST.replace(compile_blocks=False),
     "fast": _FAST,
 }
-_RESULTS: dict[str, dict] = {}
 
 
 def _sync():
@@ -87,8 +86,18 @@ class _Windows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+def _free() -> None:
+    """Free what the previous case left and start a fresh peak."""
+    gc.collect()
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """The initial model (on the CPU), the training windows and the record's shapes."""
     # CPU: one intra-op thread (tiny ops; with the cores shared, more threads mostly wait on each other --
     # 40x slower steps were seen with 2 threads on a loaded 2-core machine). Set before compiling, since
     # inductor's CPU kernels take the thread count they were compiled with. Restored afterwards.
@@ -107,22 +116,67 @@ def setup(tmp_path_factory):
     shapes = {"batch": BATCH, "latents": [BATCH, *data.rows[0]["latents"].shape],
               "video_tokens": cfg.video_tokens(), "action_tokens": cfg.action_tokens(),
               "context_tokens": cfg.context_tokens()}
-    root = tmp_path_factory.mktemp("bench_train")
-    trainers = {name: Trainer(copy.deepcopy(model), data, root / name, cfg.train, impl=impl, device=DEVICE,
-                              resume=False, progress=False) for name, impl in CASES.items()}
-    del model
-    # Correctness first (not timed): same weights, same batch and noise -> the same loss at step 0.
-    losses = {name: float(tr.train_step()["loss"]) for name, tr in trainers.items()}
-    for name, loss in losses.items():
-        assert_close(torch.tensor(loss), torch.tensor(losses["reference"]), dtype=DTYPE,
-                     name=f"{name} loss vs reference")
-    yield {"cfg": cfg, "trainers": trainers, "shapes": shapes, "losses": losses}
+    yield {"cfg": cfg, "model": model, "data": data, "shapes": shapes, "losses": {},
+           "root": tmp_path_factory.mktemp("bench_train")}
     torch.set_num_threads(threads)
 
 
+def _trainer(setup, case: str) -> Trainer:
+    return Trainer(copy.deepcopy(setup["model"]), setup["data"], setup["root"] / case, setup["cfg"].train,
+                   impl=CASES[case], device=DEVICE, resume=False, progress=False)
+
+
+def _reference_loss(setup) -> float:
+    """The reference trainer's step-0 loss (one untimed step of it when that case has not run)."""
+    if "reference" not in setup["losses"]:
+        tr = _trainer(setup, "reference")
+        setup["losses"]["reference"] = float(tr.train_step()["loss"])
+        del tr
+        _free()
+    return setup["losses"]["reference"]
+
+
+@pytest.fixture(scope="module")
+def record(setup):
+    rec = Record("train_step", DEVICE.type, preset=PRESET, dtype=str(DTYPE).replace("torch.", ""),
+                 shapes=setup["shapes"], step="Trainer.train_step: batch + noise + training_loss + backward + "
+                                              "clip_grad_norm + AdamW + LR schedule")
+    yield rec
+    lines = [f"  {r['case']:<11} {r['samples_per_s']:9.2f} samples/s"
+             + (f"  x{r['speedup_vs_reference']:.2f}" if "speedup_vs_reference" in r else "")
+             + ("" if r["peak_memory_bytes"] is None else f"  peak {r['peak_memory_bytes'] / 2**30:.2f} GiB")
+             for r in rec.results]
+    print(f"\nTrainer.train_step, {PRESET} preset, batch {BATCH}, {DEVICE.type} "
+          f"({'bf16 autocast' if CUDA else 'fp32'}):")
+    print("\n".join(lines))
+    path = rec.finish()
+    if path is not None:
+        print(f"record: {path}")
+
+
+def _relative_to_reference(results: list[dict]) -> None:
+    ref = next((r for r in results if r["case"] == "reference"), None)
+    if ref is None:
+        return
+    for r in results:
+        r["speedup_vs_reference"] = ref["median_s"] / r["median_s"]
+        if ref["peak_memory_bytes"] and r["peak_memory_bytes"]:
+            r["memory_vs_reference"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bench_train_step(benchmark, setup, case):
-    tr = setup["trainers"][case]
+def test_bench_train_step(benchmark, setup, record, case):
+    ref_loss = _reference_loss(setup) if case != "reference" else None
+    _free()
+    tr = _trainer(setup, case)
+    loss = float(tr.train_step()["loss"])  # step 0: same weights, batch and noise as the reference's
+    setup["losses"].setdefault(case, loss)
+    mismatch = None
+    if ref_loss is not None:
+        try:
+            assert_close(torch.tensor(loss), torch.tensor(ref_loss), dtype=DTYPE, name=f"{case} loss vs reference")
+        except AssertionError as exc:
+            mismatch = str(exc)
 
     def step():
         metrics = tr.train_step()
@@ -132,42 +186,19 @@ def test_bench_train_step(benchmark, setup, case):
     for _ in range(WARMUP):  # compile (fast) and allocator warm-up
         step()
     check_frozen(tr.model, after_backward=True)
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
     peak = torch.cuda.max_memory_allocated() if CUDA else None
     row = {"case": case, "impl": dataclasses.asdict(CASES[case]), "median_s": median,
            "samples_per_s": BATCH / median, "peak_memory_bytes": peak,
-           "peak_memory_kind": "torch.cuda.max_memory_allocated" if CUDA else "not measured on CPU (None)",
-           "loss_check": setup["losses"][case]}
+           "peak_memory_kind": ("torch.cuda.max_memory_allocated, this trainer alone (build to last timed step)"
+                                if CUDA else "not measured on CPU (None)"),
+           "loss_check": loss, "matches_reference_loss": mismatch is None}
     benchmark.extra_info.update({"samples/s": round(BATCH / median, 3), "preset": PRESET, "batch": BATCH,
                                  "peak_memory_GiB": None if peak is None else round(peak / 2 ** 30, 3)})
-    _RESULTS[case] = row
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _record_results(setup):
-    yield
-    if not _RESULTS:
-        return
-    ref = _RESULTS.get("reference")
-    lines = []
-    for name, r in _RESULTS.items():
-        if ref is not None:
-            r["speedup_vs_reference"] = ref["median_s"] / r["median_s"]
-            if ref["peak_memory_bytes"] and r["peak_memory_bytes"]:
-                r["memory_vs_reference"] = r["peak_memory_bytes"] / ref["peak_memory_bytes"]
-        lines.append(f"  {name:<11} {r['samples_per_s']:9.2f} samples/s"
-                     + (f"  x{r['speedup_vs_reference']:.2f}" if "speedup_vs_reference" in r else "")
-                     + ("" if r["peak_memory_bytes"] is None else f"  peak {r['peak_memory_bytes'] / 2**30:.2f} GiB"))
-    print(f"\nTrainer.train_step, {PRESET} preset, batch {BATCH}, {DEVICE.type} "
-          f"({'bf16 autocast' if CUDA else 'fp32'}):")
-    print("\n".join(lines))
-    if _record is not None:
-        path = _record.write_record("train_step", DEVICE.type, list(_RESULTS.values()), preset=PRESET,
-                                    dtype=str(DTYPE).replace("torch.", ""), shapes=setup["shapes"],
-                                    step="Trainer.train_step: batch + noise + training_loss + backward + "
-                                         "clip_grad_norm + AdamW + LR schedule")
-        if path is not None:
-            print(f"record: {path}")
+    record.results.append(row)
+    _relative_to_reference(record.results)
+    record.update()
+    del tr, step
+    _free()
+    assert mismatch is None, mismatch
