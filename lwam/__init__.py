@@ -17,6 +17,7 @@ _LAZY = lazy_names({
     "lwam.model.lightwam": ("LightWAM",),
     "lwam.policy.compiled": ("Policy",),
     "lwam.policy.loading": ("load_policy",),
+    "lwam.policy.exported": ("load_exported",),
     "lwam.train": ("Trainer",),
     "lwam.checkpoint": ("save_checkpoint", "load_checkpoint"),
     "lwam.model.text": ("TextContextCache", "build_text_cache"),

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from lwam import __version__
-from lwam._argtypes import (checkpoint_dir, dataset_dir, existing_dir, existing_file, nonneg_int,
-                            positive_float, positive_int)
+from lwam._argtypes import checkpoint_dir, dataset_dir, existing_file, nonneg_int, positive_float, positive_int
 
 EXIT_ERROR = 2
 DEFAULT_TASKS = ["button-press-topdown-v3", "drawer-open-v3"]
@@ -466,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from lwam.serving.server import add_serve_parser
     add_serve_parser(sub, **fmt)
+    from lwam.export import add_export_parser
+    add_export_parser(sub, **fmt)
     return p
 
 

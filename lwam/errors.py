@@ -68,3 +68,7 @@ class WireError(LwamError, ValueError):
 
 class RemotePolicyError(LwamError, RuntimeError):
     """A policy server answered a request with an error message (lwam.policy.remote)."""
+
+
+class DriftError(LwamError, ValueError):
+    """An exported policy's actions differ from the eager model's by more than the tolerance (lwam export --check)."""

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lwam._logging import logger
 from lwam.config import LightWAMConfig
 
 

@@ -84,7 +84,8 @@ def test_robot_policy_contract_is_defined_once():
     assert sorted(set(_defs("executed_steps"))) == ["lwam/policy/base.py:RobotPolicy"]  # getter + setter
     policy_resets = [d for d in _defs("reset") if d.endswith("Policy")]
     assert policy_resets == ["lwam/policy/base.py:RobotPolicy"]
-    assert {d.split(":")[1] for d in _defs("predict_batch")} == {"ModelPolicy", "Policy", "EagerPolicy"}
+    assert {d.split(":")[1] for d in _defs("predict_batch")} == {"ModelPolicy", "Policy", "EagerPolicy",
+                                                                   "ExportedPolicy"}
 
 
 def test_every_exception_class_lives_in_errors_under_lwam_error():

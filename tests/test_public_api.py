@@ -14,9 +14,10 @@ import lwam.policy
 
 FACES = {
     lwam: {"ImplConfig", "LightWAMConfig", "get_preset", "__version__", "LightWAM", "Policy", "Trainer",
-           "save_checkpoint", "load_checkpoint", "TextContextCache", "build_text_cache", "load_policy"},
+           "save_checkpoint", "load_checkpoint", "TextContextCache", "build_text_cache", "load_policy",
+           "load_exported"},
     lwam.policy: {"RobotPolicy", "ModelPolicy", "Policy", "InferenceOptions", "EagerPolicy", "RemotePolicy",
-                  "load_policy"},
+                  "load_policy", "ExportedPolicy", "load_exported"},
     lwam.ops: {"query_pool", "query_pool_kernel_available", "latent_downsample"},
     lwam.modules: {"LearnedQueryPooler", "MultiLayerQueryPooler", "FoldedQueryPooling", "pool_layers",
                    "fold_for_inference", "apply_fused_pooling", "is_learned_query_pooler"},

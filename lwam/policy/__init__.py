@@ -18,6 +18,7 @@ _LAZY = lazy_names({
     "lwam.policy.eager": ("EagerPolicy",),
     "lwam.policy.remote": ("RemotePolicy",),
     "lwam.policy.loading": ("load_policy",),
+    "lwam.policy.exported": ("ExportedPolicy", "load_exported"),
 })
 
 __all__ = list(_LAZY)

@@ -116,6 +116,7 @@ class ModelPolicy(RobotPolicy):
 
     cfg: Any
     text: Any
+    normalizer: Any = None
 
     @abstractmethod
     def predict_batch(self, images: Any, instructions: Sequence[str] | str, proprio: Any) -> Any:
@@ -129,6 +130,60 @@ class ModelPolicy(RobotPolicy):
     @property
     def default_executed_steps(self) -> int:
         return int(self.cfg.data.executed_steps)
+
+    def _resolve_text(self, instructions: Sequence[str]) -> None:
+        """Refuse instructions the policy cannot answer (the compiled Policy encodes missing ones when it
+        has a text encoder)."""
+        unknown = [s for s in dict.fromkeys(instructions) if not self.can_answer(s)]
+        if unknown:
+            from lwam.errors import UnknownInstructionError
+            raise UnknownInstructionError(f"instruction: no cached text context for {unknown[:3]} and no text "
+                                          f"encoder configured")
+
+    def _inputs(self, images: Any, instructions: Any, proprio: Any
+                ) -> tuple[torch.Tensor, list[str], torch.Tensor, bool]:
+        """Check a batch and bring it to the model's form: images float [B, 3, H, W] in [-1, 1] (CPU),
+        the B instructions, proprio [B, P] fp32 normalised, whether the caller gave numpy."""
+        from lwam.policy.inputs import prepare_images
+        from lwam.validate import check_finite, check_image_size, check_unit_range
+
+        cfg = self.cfg
+        x = prepare_images(images, True, cfg.vae.spatial_factor * cfg.dit.patch_size[1])
+        check_image_size(x.shape[2], x.shape[3], cfg)
+        check_unit_range(x, "images")
+        b = x.shape[0]
+        is_numpy = isinstance(proprio, np.ndarray)
+        if is_numpy:
+            proprio = torch.from_numpy(np.asarray(proprio))
+        if not isinstance(proprio, torch.Tensor):
+            raise TypeError(f"proprio: expected a torch.Tensor or numpy array, got {type(proprio).__name__}")
+        p = cfg.proprio_dim
+        if proprio.dim() != 2 or proprio.shape[0] != b or proprio.shape[1] != p:
+            raise ValueError(f"proprio: expected [B={b}, {p}], got {tuple(proprio.shape)}")
+        if not (proprio.is_floating_point() or proprio.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"proprio: expected a float tensor, got {proprio.dtype}")
+        check_finite(proprio, "proprio")
+        if isinstance(instructions, str):
+            instructions = [instructions] * b
+        if not isinstance(instructions, Sequence) or not all(isinstance(s, str) for s in instructions):
+            raise TypeError(f"instructions: expected a str or a list of {b} str, got {type(instructions).__name__}")
+        instructions = list(instructions)
+        if len(instructions) != b:
+            raise ValueError(f"instructions: expected {b} (one per image), got {len(instructions)}")
+        self._resolve_text(instructions)
+        prop = proprio.detach().cpu().float()
+        if self.normalizer is not None:
+            from lwam.data.lerobot import STATE_KEY
+            prop = self.normalizer.apply(STATE_KEY, prop).float()
+        return x, instructions, prop, is_numpy
+
+    def _outputs(self, out: torch.Tensor, is_numpy: bool) -> Any:
+        """Normalised actions [B, H, A] (any device/dtype) -> de-normalised fp32 on the CPU, numpy if asked."""
+        out = out.to("cpu", torch.float32, copy=True)
+        if self.normalizer is not None:
+            from lwam.data.lerobot import ACTION_KEY
+            out = self.normalizer.invert(ACTION_KEY, out)
+        return out.numpy() if is_numpy else out
 
     def predict(self, images: Any, instruction: str, proprio: Any) -> Any:
         """images [3, H, W] float in [-1, 1] or uint8 [H, W, 3]; instruction: str; proprio [P] raw ->

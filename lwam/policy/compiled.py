@@ -54,7 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -64,7 +63,7 @@ from lwam.errors import UnknownInstructionError
 from lwam.model.lightwam import context_from_embedded, embed_text
 from lwam.model.text import TextContextCache
 from lwam.policy.base import ModelPolicy
-from lwam.policy.inputs import make_normalizer, prepare_images, text_cache_of
+from lwam.policy.inputs import make_normalizer, text_cache_of
 
 __all__ = ["Policy", "InferenceOptions"]
 
@@ -427,45 +426,6 @@ class Policy(ModelPolicy):
         return emb
 
     # --- queries ---------------------------------------------------------------------------------
-    def _check(self, images: Any, instructions: Any, proprio: Any, batched: bool
-               ) -> tuple[torch.Tensor, list[str], torch.Tensor, bool]:
-        cfg = self.cfg
-        factor = cfg.vae.spatial_factor * cfg.dit.patch_size[1]
-        from lwam.validate import check_finite, check_image_size, check_unit_range
-
-        x = prepare_images(images, batched, factor)
-        check_image_size(x.shape[2], x.shape[3], cfg)
-        check_unit_range(x, "images")
-        b = x.shape[0]
-        is_numpy = isinstance(proprio, np.ndarray)
-        if is_numpy:
-            proprio = torch.from_numpy(np.asarray(proprio))
-        if not isinstance(proprio, torch.Tensor):
-            raise TypeError(f"proprio: expected a torch.Tensor or numpy array, got {type(proprio).__name__}")
-        p = cfg.proprio_dim
-        if not batched:
-            if proprio.dim() != 1 or proprio.shape[0] != p:
-                raise ValueError(f"proprio: expected [{p}], got {tuple(proprio.shape)}")
-            proprio = proprio[None]
-        if proprio.dim() != 2 or proprio.shape[0] != b or proprio.shape[1] != p:
-            raise ValueError(f"proprio: expected [B={b}, {p}], got {tuple(proprio.shape)}")
-        if not (proprio.is_floating_point() or proprio.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"proprio: expected a float tensor, got {proprio.dtype}")
-        check_finite(proprio, "proprio")
-        if isinstance(instructions, str):
-            instructions = [instructions] * b
-        if not isinstance(instructions, Sequence) or not all(isinstance(s, str) for s in instructions):
-            raise TypeError(f"instructions: expected a str or a list of {b} str, got {type(instructions).__name__}")
-        instructions = list(instructions)
-        if len(instructions) != b:
-            raise ValueError(f"instructions: expected {b} (one per image), got {len(instructions)}")
-        self._resolve_text(instructions)
-        prop = proprio.detach().cpu().float()
-        if self.normalizer is not None:
-            from lwam.data.lerobot import STATE_KEY
-            prop = self.normalizer.apply(STATE_KEY, prop).float()
-        return x, instructions, prop, is_numpy
-
     def _runner(self, b: int, h: int, w: int) -> _Runner:
         key = (b, h, w)
         r = self._runners.get(key)
@@ -484,7 +444,7 @@ class Policy(ModelPolicy):
         """Low-level query: images as in :meth:`predict_batch`, proprio already normalised [B, P] ->
         normalised actions [B, H, A] fp32 on the policy's device (the caller's own tensor: a later query
         does not change it)."""
-        x, instr, prop, _ = self._check(images, instructions, proprio_normalized, batched=True)
+        x, instr, _, _ = self._inputs(images, instructions, proprio_normalized)
         return self._run(x, instr, proprio_normalized.detach().float().cpu())
 
     def _run(self, x: torch.Tensor, instructions: list[str], prop: torch.Tensor) -> torch.Tensor:
@@ -498,19 +458,12 @@ class Policy(ModelPolicy):
             r.instructions = key
         return r.run()
 
-    def _finish(self, out: torch.Tensor, is_numpy: bool) -> Any:
-        out = out.to("cpu", torch.float32, copy=True)
-        if self.normalizer is not None:
-            from lwam.data.lerobot import ACTION_KEY
-            out = self.normalizer.invert(ACTION_KEY, out)
-        return out.numpy() if is_numpy else out
-
     @torch.no_grad()
     def predict_batch(self, images: Any, instructions: Sequence[str] | str, proprio: Any) -> Any:
         """images [B, 3, H, W] float in [-1, 1] or uint8 [B, H, W, 3]; instructions: B str (or one str);
         proprio [B, P] raw -> de-normalised actions [B, H, A] float32 (numpy if proprio is numpy)."""
-        x, instr, prop, is_numpy = self._check(images, instructions, proprio, batched=True)
-        return self._finish(self._run(x, instr, prop), is_numpy)
+        x, instr, prop, is_numpy = self._inputs(images, instructions, proprio)
+        return self._outputs(self._run(x, instr, prop), is_numpy)
 
     def warmup(self, batch_size: int = 1, image_hw: tuple[int, int] | None = None,
                instruction: str | None = None) -> float:

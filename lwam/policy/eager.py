@@ -9,15 +9,13 @@ checked against (tests/test_inference.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from lwam.errors import UnknownInstructionError
 from lwam.policy.base import ModelPolicy
-from lwam.policy.inputs import make_normalizer, prepare_images
+from lwam.policy.inputs import make_normalizer
 
 __all__ = ["EagerPolicy"]
 
@@ -40,28 +38,9 @@ class EagerPolicy(ModelPolicy):
     def predict_batch(self, images: Any, instructions: Sequence[str] | str, proprio: Any) -> Any:
         """images [B, 3, H, W] float in [-1, 1] or uint8 [B, H, W, 3]; instructions: B str (or one);
         proprio [B, P] raw -> de-normalised actions [B, H, A] float32 (numpy if proprio is numpy)."""
-        from lwam.data.lerobot import ACTION_KEY, STATE_KEY
-
-        factor = self.cfg.vae.spatial_factor * self.cfg.dit.patch_size[1]
-        x = prepare_images(images, True, factor)
-        is_numpy = isinstance(proprio, np.ndarray)
-        p = torch.as_tensor(np.asarray(proprio)) if is_numpy else proprio
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"proprio: expected a torch.Tensor or numpy array, got {type(proprio).__name__}")
-        if p.dim() != 2 or p.shape != (x.shape[0], self.cfg.proprio_dim):
-            raise ValueError(f"proprio: expected [B={x.shape[0]}, {self.cfg.proprio_dim}], got {tuple(p.shape)}")
-        instr = [instructions] * x.shape[0] if isinstance(instructions, str) else list(instructions)
-        unknown = [s for s in instr if not self.can_answer(s)]
-        if unknown:
-            raise UnknownInstructionError(f"instruction: no cached text context for {unknown[:3]} and no text "
-                                          f"encoder configured")
-        p = p.detach().float().cpu()
-        if self.normalizer is not None:
-            p = self.normalizer.apply(STATE_KEY, p).float()
-        out = self.model.predict_actions(x.to(self.device), p.to(self.device), instruction=instr).float().cpu()
-        if self.normalizer is not None:
-            out = self.normalizer.invert(ACTION_KEY, out)
-        return out.numpy() if is_numpy else out
+        x, instr, prop, is_numpy = self._inputs(images, instructions, proprio)
+        out = self.model.predict_actions(x.to(self.device), prop.to(self.device), instruction=instr)
+        return self._outputs(out, is_numpy)
 
     def warmup(self, batch_size: int = 1, image_hw: tuple[int, int] | None = None,
                instruction: str | None = None) -> float:

@@ -358,8 +358,15 @@ def serve_main(args) -> int:
     early: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
     try:
-        policy = load_policy(args.checkpoint, device=device, eager=args.eager, compiled=not args.no_compile,
-                             text_cache=args.text_cache, batch_sizes=sizes)
+        if args.exported:
+            if args.eager or args.text_cache or args.no_compile:
+                raise ValueError("--exported: the file is compiled and holds its instructions; --eager, "
+                                 "--text-cache and --no-compile do not apply")
+            from lwam.policy.exported import load_exported
+            policy = load_exported(args.exported)
+        else:
+            policy = load_policy(args.checkpoint, device=device, eager=args.eager, compiled=not args.no_compile,
+                                 text_cache=args.text_cache, batch_sizes=sizes)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if early:
@@ -385,7 +392,9 @@ def add_serve_parser(sub, **parser_kwargs) -> None:
 
     sv = sub.add_parser("serve", help="serve a checkpoint over websockets (openpi protocol, msgpack-numpy)",
                         **parser_kwargs)
-    sv.add_argument("--checkpoint", required=True, help="checkpoint directory (or a published .pt)")
+    src = sv.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory (or a published .pt)")
+    src.add_argument("--exported", type=existing_file, help="a .pt2 file written by `lwam export` (no compilation)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=nonneg_int, default=DEFAULT_PORT, help="0 picks a free port (printed)")
     sv.add_argument("--api-key", help="require 'Authorization: Api-Key KEY' (default: $LWAM_API_KEY, else none)")
