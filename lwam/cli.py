@@ -257,7 +257,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out["blind" if blind else "policy"] = evaluate(
             policy, args.tasks, args.episodes, executed_steps=executed,
             max_steps=args.max_steps, blind=blind, video_dir=None if blind else args.videos,
-            progress=not args.no_progress, cameras=cameras, size=size)
+            progress=not args.no_progress, cameras=cameras, size=size, latency_steps=args.latency_steps,
+            asynchronous=args.asynchronous, lead_steps=args.lead_steps, blend=args.blend)
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -416,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="actions executed per query (default: the checkpoint's data.executed_steps)")
     ev.add_argument("--max-steps", type=positive_int, default=200, help="step limit per episode")
     ev.add_argument("--blind", action="store_true", help="also run the blind-vision control")
+    ev.add_argument("--latency-steps", type=nonneg_int, default=0,
+                    help="simulated inference latency in control steps (the robot holds still while it has no action)")
+    ev.add_argument("--async", dest="asynchronous", action="store_true",
+                    help="asynchronous chunk execution: request the next chunk --lead-steps before the horizon "
+                         "ends, drop the stale prefix of a late chunk")
+    ev.add_argument("--lead-steps", type=nonneg_int, help="with --async (default: --latency-steps)")
+    ev.add_argument("--blend", choices=["none", "linear"], default="none", help="with --async: mix the overlap")
     ev.add_argument("--videos", help="directory for rollout videos")
     ev.add_argument("--eager", action="store_true",
                     help="use lwam.policy.eager.EagerPolicy (the plain model) instead of the compiled Policy")

@@ -48,11 +48,8 @@ def _zero_images(obs: dict[str, Any]) -> dict[str, Any]:
 
 def to_lerobot_observation(obs: dict[str, Any]) -> dict[str, Any]:
     """The simulator's observation dict -> the LeRobot-style one robot-facing policies take
-    (``from_sim_observation`` of the observation module, wherever the policy package keeps it)."""
-    try:
-        from lwam.policy.observation import from_sim_observation
-    except ImportError:
-        from lwam.policy.observation import from_sim_observation
+    (lwam.policy.observation.from_sim_observation)."""
+    from lwam.policy.observation import from_sim_observation
     return from_sim_observation(obs)
 
 
@@ -76,11 +73,32 @@ def shuffled_image_seed(e: int, episodes_per_task: int, seed_start: int) -> int:
 
 
 class _Stepper:
-    """Runs one policy step by step and keeps the latency books (see the module doc)."""
+    """Runs one policy step by step and keeps the latency books (see the module doc). With a simulated
+    latency (``latency_steps`` > 0 or ``asynchronous``) chunks come through a
+    :class:`~lwam.policy.chunking.ChunkScheduler` instead, and :meth:`action` returns None for a control step
+    the robot spends waiting."""
 
-    def __init__(self, policy: Any, executed_steps: int, action_dim: int):
+    def __init__(self, policy: Any, executed_steps: int, action_dim: int, latency_steps: int = 0,
+                 asynchronous: bool = False, lead_steps: int | None = None, blend: str = "none",
+                 chunk_size: int | None = None):
         self.policy, self.executed_steps, self.action_dim = policy, executed_steps, action_dim
-        self.select = _robot_facing(policy) and hasattr(policy, "select_action")
+        self.scheduler = None
+        if latency_steps or asynchronous:
+            from lwam.policy.chunking import ChunkScheduler, SimulatedLatency
+
+            def timed(obs):
+                t0 = time.perf_counter()
+                chunk = np.asarray(_query(policy, obs), dtype=np.float32)
+                self.latencies.append((time.perf_counter() - t0) * 1000.0)
+                if chunk.ndim != 2 or chunk.shape[1] != action_dim or chunk.shape[0] < 1:
+                    raise ValueError(f"policy: expected actions [H, {action_dim}], got {tuple(chunk.shape)}")
+                return chunk
+
+            h = chunk_size or getattr(policy, "chunk_size", None) or 32
+            lead = (latency_steps if lead_steps is None else lead_steps) if asynchronous else 0
+            self.scheduler = ChunkScheduler(SimulatedLatency(timed, latency_steps), min(executed_steps, h), h,
+                                            lead_steps=min(lead, h - 1), past_horizon=asynchronous, blend=blend)
+        self.select = self.scheduler is None and _robot_facing(policy) and hasattr(policy, "select_action")
         self.latencies: list[float] = []      # calls that computed a chunk (ms)
         self.pops: list[float] = []           # select_action calls that only popped the queue (ms)
         self._chunk: np.ndarray | None = None
@@ -117,11 +135,15 @@ class _Stepper:
 
     def reset(self) -> None:
         self._chunk, self._next = None, 0
+        if self.scheduler is not None:
+            self.scheduler.reset()
         if hasattr(self.policy, "reset"):
             self.policy.reset()
 
-    def action(self, obs: dict[str, Any]) -> np.ndarray:
-        """The action [action_dim] to execute on ``obs`` (the simulator's observation dict)."""
+    def action(self, obs: dict[str, Any]) -> np.ndarray | None:
+        """The action [action_dim] to execute on ``obs`` (the simulator's observation dict); None: wait."""
+        if self.scheduler is not None:
+            return self.scheduler.step(obs, block=False)
         if self.select:
             self._ran = False
             t0 = time.perf_counter()
@@ -148,7 +170,8 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
              seed_start: int = EVAL_SEED_START, executed_steps: int = 8, max_steps: int = 200,
              blind: bool = False, video_dir: str | os.PathLike | None = None, progress: bool = True,
              cameras: Sequence[str] = ("corner", "gripper"), size: int = 64,
-             videos_per_task: int = 1, image_control: str | None = None) -> dict[str, Any]:
+             videos_per_task: int = 1, image_control: str | None = None, latency_steps: int = 0,
+             asynchronous: bool = False, lead_steps: int | None = None, blend: str = "none") -> dict[str, Any]:
     """Run ``policy`` closed-loop.
 
     Args:
@@ -165,6 +188,13 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
             ``videos_per_task`` episodes of every task are written there.
         cameras, size: rendered cameras and image side, as in the training data.
         image_control: None (the episode's own images), "blind" or "shuffled" (module doc).
+        latency_steps: simulated inference latency in control steps: a chunk asked for at step t is there at
+            step t + latency_steps (lwam.policy.chunking.SimulatedLatency). While the robot has no action it
+            waits: the arm is held (zero motion, the last gripper command) and the step counts towards
+            ``max_steps``, as time does on a robot.
+        asynchronous: request the next chunk ``lead_steps`` (default ``latency_steps``) actions before the
+            horizon ends and drop the stale prefix of a late chunk (lwam.policy.chunking); False: synchronous,
+            the robot waits ``latency_steps`` for every chunk. ``blend``: "none" or "linear" (asynchronous).
     Returns:
         {"success": {task: rate}, "success_rate": mean over tasks, "mean_steps": float,
          "mean_steps_per_task": {task: float}, "query_latency_ms": mean time of the calls that computed a chunk
@@ -172,7 +202,9 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
          (None for a plain callable), "warmup_ms": the warm-up call, "num_queries": int (calls that computed a
          chunk), "episodes": {task: [{"seed", "success", "steps"} (+ "image_seed" for "shuffled")]},
          "blind": bool, "image_control": str or None, "videos": [paths], "seed_start": int,
-         "wall_time_s": float}
+         "wall_time_s": float, "latency_steps", "asynchronous", "lead_steps", "waits" (control steps spent
+         waiting, all episodes; each episode's own under "episodes"), "dropped_actions" (stale actions
+         dropped at alignment)}
     """
     from tqdm.auto import tqdm
 
@@ -199,7 +231,11 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
     vdir = Path(video_dir) if video_dir is not None else None
     bar = tqdm(total=len(tasks) * episodes_per_task, desc="evaluate" + (f" ({image_control})" if image_control else ""),
                unit="ep", disable=not progress)
-    stepper = _Stepper(policy, executed_steps, MetaWorldTask.action_dim)
+    if isinstance(latency_steps, bool) or not isinstance(latency_steps, int) or latency_steps < 0:
+        raise ValueError(f"latency_steps: expected an int >= 0, got {latency_steps!r}")
+    stepper = _Stepper(policy, executed_steps, MetaWorldTask.action_dim, latency_steps=latency_steps,
+                       asynchronous=asynchronous, lead_steps=lead_steps, blend=blend)
+    waits_total, dropped_total = 0, 0
     try:
         with stepper.attached():
             for name in tasks:
@@ -231,9 +267,14 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
                                 _query(policy, shown(obs))
                                 warmup_ms = (time.perf_counter() - t0) * 1000.0
                                 stepper.reset()
-                            success, steps = False, 0
+                            success, steps, waits = False, 0, 0
+                            hold = np.zeros(MetaWorldTask.action_dim, np.float32)  # no motion, gripper command 0
                             while not success and steps < max_steps:
                                 a = stepper.action(shown(obs))
+                                if a is None:  # no action yet: hold the arm, keep the last gripper command
+                                    a, waits = hold, waits + 1
+                                else:
+                                    hold = np.concatenate([np.zeros(3, np.float32), np.asarray(a[3:], np.float32)])
                                 if record:
                                     frames.append(np.concatenate([obs["images"][c] for c in cameras], axis=1))
                                 obs, _, success, done = task.step(a)
@@ -250,6 +291,11 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
                                 encode_video(np.stack(frames), path, fps=20)
                                 videos.append(str(path))
                             ep = {"seed": seed, "success": bool(success), "steps": steps}
+                            if stepper.scheduler is not None:
+                                ep["waits"] = waits
+                                ep["dropped_actions"] = stepper.scheduler.stats.dropped_actions
+                                waits_total += waits
+                                dropped_total += ep["dropped_actions"]
                             if image_seed is not None:
                                 ep["image_seed"] = image_seed
                             results[name].append(ep)
@@ -279,4 +325,9 @@ def evaluate(policy: Callable[[dict[str, Any]], np.ndarray], tasks: Sequence[str
         "videos": videos,
         "seed_start": int(seed_start),
         "wall_time_s": time.perf_counter() - t_start,
+        "latency_steps": int(latency_steps),
+        "asynchronous": bool(asynchronous),
+        "lead_steps": stepper.scheduler.lead_steps if stepper.scheduler is not None else None,
+        "waits": waits_total,
+        "dropped_actions": dropped_total,
     }
