@@ -390,52 +390,10 @@ def test_eval_through_server_equals_in_process(policy):
     assert all(np.array_equal(a, b) for a, b in zip(local.chunks, remote.chunks))
 
 
-def test_cli_serve_sigterm_exits_zero_and_eval_server(model, tmp_path):
-    """`lwam serve` as a process on a free port: `lwam eval --server` through it, then SIGTERM -> exit 0."""
-    pytest.importorskip("metaworld")
-    from lwam.checkpoint import save_checkpoint
-    from lwam.cli import main
-
-    save_checkpoint(model, tmp_path / "ckpt", stats=STATS)
-    model.text.subset(INSTRUCTIONS).save(tmp_path / "text.safetensors")  # the one text-cache format
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lwam.cli", "serve", "--checkpoint", str(tmp_path / "ckpt"),
-                             "--port", "0", "--no-compile", "--max-batch", "1", "--device", "cpu",
-                             "--text-cache", str(tmp_path / "text.safetensors")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        url, lines = None, []
-        t_end = time.monotonic() + 180
-        while url is None and time.monotonic() < t_end:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "listening on ws://127.0.0.1:" in line:
-                url = line.split("listening on ", 1)[1].split()[0]
-        assert url is not None, "".join(lines)
-        import contextlib
-        import io
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            rc = main(["eval", "--server", url, "--tasks", "button-press-topdown-v3", "--episodes", "1",
-                       "--max-steps", "8", "--no-progress"])
-        assert rc == 0
-        res = json.loads(buf.getvalue())["policy"]
-        assert res["num_queries"] == 1 and res["episodes"]["button-press-topdown-v3"][0]["steps"] == 8
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, "".join(lines) + rest
-        assert "stopped after 2 requests (0 errors" in rest  # evaluate's warm-up query + 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
-def serve_process(*args):
-    """`lwam serve ARGS --port 0` as a process; yields its ws:// URL, then SIGTERM and a zero exit."""
+def serve_process(*args, output: list[str] | None = None):
+    """`lwam serve ARGS --port 0` as a process; yields its ws:// URL, then SIGTERM and a zero exit (its
+    whole output appended to ``output``)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lwam.cli", "serve", *map(str, args), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -453,11 +411,36 @@ def serve_process(*args):
         yield url
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
+        if output is not None:
+            output.extend([*lines, rest])
         assert proc.returncode == 0, "".join(lines) + rest
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serve_sigterm_exits_zero_and_eval_server(model, tmp_path):
+    """`lwam serve` as a process on a free port: `lwam eval --server` through it, then SIGTERM -> exit 0."""
+    pytest.importorskip("metaworld")
+    from lwam.checkpoint import save_checkpoint
+    from lwam.cli import main
+
+    save_checkpoint(model, tmp_path / "ckpt", stats=STATS)
+    model.text.subset(INSTRUCTIONS).save(tmp_path / "text.safetensors")  # the one text-cache format
+    output: list[str] = []
+    with serve_process("--checkpoint", tmp_path / "ckpt", "--no-compile", "--max-batch", "1", "--device", "cpu",
+                       "--text-cache", tmp_path / "text.safetensors", output=output) as url:
+        import contextlib
+        import io
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(["eval", "--server", url, "--tasks", "button-press-topdown-v3", "--episodes", "1",
+                       "--max-steps", "8", "--no-progress"])
+        assert rc == 0
+        res = json.loads(buf.getvalue())["policy"]
+        assert res["num_queries"] == 1 and res["episodes"]["button-press-topdown-v3"][0]["steps"] == 8
+    assert "stopped after 2 requests (0 errors" in "".join(output)  # evaluate's warm-up query + 1
 
 
 def test_cli_serve_eager_with_text_cache_answers_a_client(model, tmp_path, capsys):
