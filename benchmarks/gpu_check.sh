@@ -21,9 +21,10 @@
 # (parallel compile jobs, default the core count), TORCH_CUDA_ARCH_LIST (default: the GPU's own
 # architecture, one build instead of two), GPU_CHECK_WORK (work directory, default a temporary one,
 # removed at the end), GPU_CHECK_NVCC_DIRS (where to look for nvcc after CUDA_HOME and PATH).
-# nvcc: CUDA_HOME/bin/nvcc when CUDA_HOME is set, else nvcc on PATH, else the newest of
-# /usr/local/cuda/bin, /usr/local/cuda-*/bin. None found on a GPU machine: lwam._C is built without CUDA
-# kernels (LWAM_ALLOW_FALLBACK=1), the run is Triton-only, and summary.json says so.
+# nvcc: CUDA_HOME/bin/nvcc when CUDA_HOME is set and holds one (a CUDA_HOME without one is ignored and
+# said so), else nvcc on PATH, else the newest of /usr/local/cuda/bin, /usr/local/cuda-*/bin. None found on
+# a GPU machine: lwam._C is built without CUDA kernels (LWAM_ALLOW_FALLBACK=1), the run is Triton-only,
+# and summary.json says so.
 set -u
 
 CPU=0
@@ -65,12 +66,18 @@ if ! PY=$(pick_python); then
 fi
 
 # --- nvcc, and with it what lwam._C can be -----------------------------------------------------------
+NOTE=""
+for var in CUDA_HOME CUDA_PATH; do
+  # A machine's stale CUDA_HOME would stop setup.py; here the run looks for a toolkit itself instead.
+  if [ -n "${!var:-}" ] && [ ! -x "${!var}/bin/nvcc" ]; then
+    NOTE="$NOTE$var=${!var} holds no bin/nvcc (ignored); "
+    unset "$var"
+  fi
+done
 find_nvcc() {
   local d
-  if [ -n "${CUDA_HOME:-}" ]; then  # a set CUDA_HOME is taken as meant (setup.py stops on a wrong one)
-    [ -x "$CUDA_HOME/bin/nvcc" ] && echo "$CUDA_HOME/bin/nvcc"
-    return 0
-  fi
+  if [ -n "${CUDA_HOME:-}" ]; then echo "$CUDA_HOME/bin/nvcc"; return 0; fi
+  if [ -n "${CUDA_PATH:-}" ]; then echo "$CUDA_PATH/bin/nvcc"; return 0; fi
   command -v nvcc 2>/dev/null && return 0
   # shellcheck disable=SC2086  # the globs are meant to expand
   for d in $(ls -d ${GPU_CHECK_NVCC_DIRS:-/usr/local/cuda/bin /usr/local/cuda-*/bin} 2>/dev/null | sort -rV); do
@@ -84,11 +91,11 @@ if [ "$CPU" = 1 ]; then
   EXT_REASON="CPU mode: the installed build is checked, not rebuilt"
 elif [ -n "$NVCC" ]; then
   EXT_MODE=cuda
-  EXT_REASON="lwam._C built as a CUDAExtension with $NVCC"
+  EXT_REASON="${NOTE}lwam._C to be built as a CUDAExtension with $NVCC"
   export PATH="$(dirname "$NVCC"):$PATH"
 else
   EXT_MODE=triton-only
-  EXT_REASON="no nvcc found (CUDA_HOME, PATH, ${GPU_CHECK_NVCC_DIRS:-/usr/local/cuda/bin /usr/local/cuda-*/bin}): lwam._C built without CUDA kernels (LWAM_ALLOW_FALLBACK=1); CUDA latents use the reference, the Triton kernels run compiled"
+  EXT_REASON="${NOTE}no nvcc found (CUDA_HOME, PATH, ${GPU_CHECK_NVCC_DIRS:-/usr/local/cuda/bin /usr/local/cuda-*/bin}): lwam._C built without CUDA kernels (LWAM_ALLOW_FALLBACK=1); CUDA latents use the reference, the Triton kernels run compiled"
   export LWAM_ALLOW_FALLBACK=1
 fi
 
@@ -120,12 +127,12 @@ if [ "$CPU" = 1 ]; then
   add_stage bench_train_step 300 "$BENCH benchmarks/test_bench_train_step.py -k 'reference or fast_eager'"
   add_stage gpu_tests rest "$GPU_TESTS"
 else
-  add_stage environment 15 "nvidia-smi; $P -c 'import sys, torch, triton; print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
+  add_stage environment 20 "nvidia-smi; $P -c 'import sys, torch, triton; print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
   add_stage install 120 "$PIP_INSTALL && $CHECK_INSTALL"
   add_stage bench_latent_downsample 25 "$BENCH benchmarks/test_bench_latent_downsample.py -k 'not avg_pool3d_compiled or paper-bfloat16'"
   add_stage bench_query_pool 60 "$BENCH benchmarks/test_bench_query_pool.py -k 'train-bfloat16-fwd_bwd or infer-bfloat16-fwd-'"
-  add_stage bench_policy 110 "$BENCH benchmarks/test_bench_policy.py"
-  add_stage bench_train_step 110 "$BENCH benchmarks/test_bench_train_step.py -k 'reference or fast]'"
+  add_stage bench_policy 120 "$BENCH benchmarks/test_bench_policy.py"
+  add_stage bench_train_step 120 "$BENCH benchmarks/test_bench_train_step.py -k 'reference or fast]'"
   add_stage gpu_tests rest "$GPU_TESTS"
 fi
 
@@ -157,8 +164,17 @@ if [ "$CPU" = 0 ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     && export TORCH_CUDA_ARCH_LIST="$ARCH"
 fi
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+VERSIONS=$("$PY" -c "
+import importlib.metadata as m, platform, torch
+def v(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return ''
+print(platform.python_version(), torch.__version__, torch.version.cuda or '', v('triton') or '', sep='|')" 2>/dev/null)
+IFS='|' read -r PY_V TORCH_V TORCH_CUDA_V TRITON_V <<< "$VERSIONS"
 printf '%s\t%s\n' mode "$([ "$CPU" = 1 ] && echo cpu || echo gpu)" budget_s "$BUDGET" python "$PY" \
-  python_version "$("$PY" -c 'import platform; print(platform.python_version())' 2>/dev/null)" \
+  python_version "${PY_V:-}" torch "${TORCH_V:-}" torch_cuda "${TORCH_CUDA_V:-}" triton "${TRITON_V:-}" \
   nvcc "$NVCC" extension_mode "$EXT_MODE" extension_reason "$EXT_REASON" gpu "$GPU_NAME" \
   torch_cuda_arch_list "${TORCH_CUDA_ARCH_LIST:-}" max_jobs "$MAX_JOBS" host "$(hostname 2>/dev/null)" \
   started "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$GPU_CHECK_DIR/facts.tsv"

@@ -219,9 +219,9 @@ def build_summary(d: Path) -> dict[str, Any]:
         "elapsed_s": sum(s["seconds"] or 0 for s in stages),
         "started": facts.get("started"),
         "python": facts.get("python"), "python_version": facts.get("python_version"),
-        "torch": (build.get("running") or {}).get("torch") or env.get("torch"),
-        "cuda": (build.get("running") or {}).get("cuda") or env.get("cuda"),
-        "triton": (build.get("triton") or {}).get("version") or env.get("triton"),
+        "torch": facts.get("torch") or (build.get("running") or {}).get("torch") or env.get("torch"),
+        "cuda": facts.get("torch_cuda") or (build.get("running") or {}).get("cuda") or env.get("cuda"),
+        "triton": facts.get("triton") or (build.get("triton") or {}).get("version") or env.get("triton"),
         "commit": env.get("commit"),
         "extension": {
             "mode": facts.get("extension_mode"),  # cuda | triton-only | cpu

@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lwam.info import cuda_extension_verdict
+from lwam.ops import _extension
 from lwam.ops.latent_downsample import implementation, latent_downsample
 from lwam.reference.latent_downsample import latent_downsample as reference
 from lwam.testing import assert_close
@@ -97,6 +99,12 @@ def _derived(results: list[dict]) -> dict:
 def test_bench_latent_downsample(benchmark, record, shape, dtype, case):
     if case == "copy" and DEVICE != "cuda":
         pytest.skip("copy bandwidth is the CUDA yardstick")
+    if case.startswith("lwam") and DEVICE == "cuda" and implementation(DEVICE) != "lwam._C":
+        # lwam._C without CUDA kernels would time the reference under the kernel's name
+        verdict, why = cuda_extension_verdict(True, _extension.status())
+        if verdict == "fallback":
+            pytest.skip(why)
+        pytest.fail(f"{case}: {why}")
     torch.manual_seed(0)
     x = torch.randn(shape, device=DEVICE, dtype=dtype)
     grad = torch.randn(shape[:3] + (shape[3] // FACTOR, shape[4] // FACTOR), device=DEVICE, dtype=dtype)

@@ -197,6 +197,10 @@ def test_plan_picks_the_python_with_torch_and_goes_triton_only_without_nvcc(tmp_
     (cuda_bin / "nvcc").chmod(0o755)
     plan = _plan(env=dict(env, GPU_CHECK_NVCC_DIRS=str(tmp_path / "cuda-*" / "bin")))
     assert plan["nvcc"] == str(cuda_bin / "nvcc") and plan["extension_mode"] == "cuda"
+    # A stale CUDA_HOME (no bin/nvcc) does not hide that toolkit; the summary says it was ignored.
+    plan = _plan(env=dict(env, GPU_CHECK_NVCC_DIRS=str(tmp_path / "cuda-*" / "bin"), CUDA_HOME=str(tmp_path / "old")))
+    assert plan["nvcc"] == str(cuda_bin / "nvcc") and f"CUDA_HOME={tmp_path / 'old'} holds no bin/nvcc" in \
+        plan["extension_reason"]
     env["PYTHON"] = str(bin_dir / "python3")  # asked for, and it has no torch: a clear stop
     proc = subprocess.run([BASH, str(SCRIPT), "--plan"], cwd=str(ROOT), env=env, capture_output=True,
                           text=True, timeout=60)
