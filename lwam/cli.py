@@ -151,8 +151,7 @@ def _train(args: argparse.Namespace, out: Path, s: dict | None):
 
     from lwam.config import ImplConfig, get_preset
     from lwam.model.lightwam import LightWAM
-    from lwam.pipeline import cache_latents_stage, make_windows
-    from lwam.train import Trainer
+    from lwam.pipeline import cache_latents_stage, make_windows, train_stage
     from lwam.vae_train import load_vae_checkpoint
 
     if s is None:  # a non-zero rank: the record rank 0 wrote
@@ -194,9 +193,9 @@ def _train(args: argparse.Namespace, out: Path, s: dict | None):
     else:
         model.text.get(instructions)  # encode once, so that the checkpoints carry every training instruction
     train_set = cache_latents_stage(model, windows, out / "latents.npy", progress=not args.no_progress)
-    trainer = Trainer(model, train_set, out, impl=ImplConfig.named(s["impl"]), stats=stats,
-                      progress=not args.no_progress, max_nonfinite_skips=s["skip_nonfinite"])
-    return trainer.train(), model, stats
+    _, res = train_stage(model, train_set, out, stats, impl=ImplConfig.named(s["impl"]),
+                         progress=not args.no_progress, max_nonfinite_skips=s["skip_nonfinite"])
+    return res, model, stats
 
 
 def _cmd_train_vae(args: argparse.Namespace) -> int:

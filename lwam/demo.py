@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ import torch
 
 from lwam._atomic import atomic_write_json
 from lwam._env import environment
-from lwam._logging import logger
 from lwam.config import get_preset
 
 
@@ -58,40 +56,6 @@ def controls(dcfg: DemoConfig) -> list[str]:
     return [c for c, on in (("blind", dcfg.blind_control), ("shuffled", dcfg.shuffled_control)) if on]
 
 
-@contextmanager
-def _num_threads(n: int | None):
-    """Temporarily set torch's intra-op thread count (CPU only; None leaves it)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-class _Stages:
-    """Times each stage and logs it."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        stages = self
-
-        class _Ctx:
-            def __enter__(self):
-                logger.info(f"demo: {name} ...")
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                stages.times[name] = round(time.perf_counter() - self.t0, 2)
-                if exc[0] is None:
-                    logger.info(f"demo: {name} done in {stages.times[name]:.1f}s")
-
-        return _Ctx()
-
-
 def demo_model_config(dcfg: DemoConfig, seed: int | None = None, overrides: dict[str, Any] | None = None):
     """The tiny preset with the demo's training budgets and cameras (``dcfg.cameras`` side by side, each
     ``image_size`` square: frames [3, image_size, image_size * len(cameras)]); ``seed`` (default ``dcfg.seed``)
@@ -112,42 +76,29 @@ def demo_model_config(dcfg: DemoConfig, seed: int | None = None, overrides: dict
     return cfg
 
 
-def sim_policy(model, stats: dict, task: str, device: str):
-    """The model's Policy (:func:`lwam.policy.loading.load_policy`), warmed up (compiled) on a real observation of
-    ``task``, so that an evaluation's query latency is the steady-state one."""
-    from lwam.envs.metaworld import MetaWorldTask
-    from lwam.policy.observation import from_sim_observation
-    from lwam.policy.loading import load_policy
-
-    policy = load_policy(model, stats, device=device)
-    cfg = model.cfg.data
-    with MetaWorldTask(task, cameras=cfg.cameras, size=cfg.image_height) as env:
-        policy.predict_action_chunk(from_sim_observation(env.reset(seed=0)))
-    return policy
-
-
 def run_demo(out_dir: str | Path, dcfg: DemoConfig | None = None, progress: bool = True,
              device: str | None = None) -> dict[str, Any]:
     """Run every stage into ``out_dir``; returns the report (also written to ``out_dir/report.json``)."""
     dcfg = dcfg or DemoConfig()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # Small ops: one intra-op thread is fastest on a few cores (restored afterwards).
-    with _num_threads(dcfg.threads if device == "cpu" else None):
+    from lwam.pipeline import num_threads
+
+    with num_threads(dcfg.threads if device == "cpu" else None):
         return _run_demo(Path(out_dir), dcfg, progress, device)
 
 
 def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[str, Any]:
     from lwam.checkpoint import save_checkpoint
-    from lwam.envs.evaluate import evaluate
     from lwam.envs.metaworld import collect_demos
     from lwam.model.lightwam import LightWAM
-    from lwam.pipeline import cache_latents_stage, make_windows, train_vae_stage
+    from lwam.pipeline import (StageTimer, cache_latents_stage, evaluate_stage, make_windows, num_threads,
+                               sim_policy, train_stage, train_vae_stage)
     from lwam.plots import plot_stage_times, plot_success
-    from lwam.train import Trainer
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(dcfg.seed)
-    stage = _Stages()
+    stage = StageTimer("demo")
     t_start = time.perf_counter()
 
     cfg = demo_model_config(dcfg)
@@ -160,14 +111,14 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
         windows, stats = make_windows(out / "dataset", cfg, window_stride=dcfg.window_stride, progress=progress)
     model = LightWAM(cfg).to(device)
     conv_threads = (dcfg.conv_threads or os.cpu_count()) if device == "cpu" else None
-    with stage("train_vae"), _num_threads(conv_threads):
+    with stage("train_vae"), num_threads(conv_threads):
         vae_metrics = train_vae_stage(model, windows, out / "vae", steps=dcfg.vae_steps,
                                       batch_size=dcfg.vae_batch_size, progress=progress, seed=dcfg.seed)
-    with stage("cache_latents"), _num_threads(conv_threads):
+    with stage("cache_latents"), num_threads(conv_threads):
         train_set = cache_latents_stage(model, windows, out / "latents.npy", progress=progress)
     with stage("train"):
-        trainer = Trainer(model, train_set, out / "train", stats=stats, device=device, progress=progress)
-        tr = trainer.train(dcfg.train_steps)
+        trainer, tr = train_stage(model, train_set, out / "train", stats, dcfg.train_steps, device=device,
+                                  progress=progress)
     ckpt = save_checkpoint(model, out / "checkpoint", stats=stats)
 
     with stage("future_frames"):
@@ -175,17 +126,9 @@ def _run_demo(out: Path, dcfg: DemoConfig, progress: bool, device: str) -> dict[
 
     with stage("build_policy"):
         policy = sim_policy(model, stats, dcfg.tasks[0], device)
-    results: dict[str, Any] = {}
-    with stage("eval"):
-        results["policy"] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes, executed_steps=dcfg.executed_steps,
-                                     max_steps=dcfg.max_steps, video_dir=out / "videos", progress=progress,
-                                     cameras=cfg.data.cameras, size=cfg.data.image_height)
-    for control in controls(dcfg):
-        with stage(f"eval_{control}"):
-            results[control] = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes,
-                                        executed_steps=dcfg.executed_steps, max_steps=dcfg.max_steps,
-                                        image_control=control, progress=progress, cameras=cfg.data.cameras,
-                                        size=cfg.data.image_height)
+    results = evaluate_stage(policy, dcfg.tasks, dcfg.eval_episodes, stage, executed_steps=dcfg.executed_steps,
+                             max_steps=dcfg.max_steps, cameras=cfg.data.cameras, size=cfg.data.image_height,
+                             controls=controls(dcfg), video_dir=out / "videos", progress=progress)
 
     plot_success(results["policy"]["success"], results.get("blind", {}).get("success"), out / "success.png")
     wall = round(time.perf_counter() - t_start, 2)

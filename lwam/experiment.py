@@ -39,7 +39,8 @@ import torch
 from lwam._atomic import atomic_write_json
 from lwam._env import environment
 from lwam._logging import logger
-from lwam.demo import DemoConfig, _num_threads, controls, demo_model_config, sim_policy
+from lwam.demo import DemoConfig, controls, demo_model_config
+from lwam.pipeline import StageTimer, num_threads
 from lwam.experiment_conditions import CONDITIONS, CONTROLS, DECISIVE_TASKS, MT10_TASKS, Condition
 
 __all__ = ["CONDITIONS", "CONTROLS", "DECISIVE_TASKS", "MT10_TASKS", "Condition", "ExperimentConfig",
@@ -134,7 +135,7 @@ def prepare_shared(out: Path, ecfg: ExperimentConfig, progress: bool = True, dev
     shared.mkdir(parents=True, exist_ok=True)
     summary_path = shared / "shared.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {"stage_seconds": {}}
-    times = summary["stage_seconds"]
+    stage = StageTimer("experiment", summary["stage_seconds"])
     cfg = demo_model_config(dcfg, dcfg.seed)
     conv_threads = (dcfg.conv_threads or os.cpu_count()) if device == "cpu" else None
 
@@ -143,17 +144,15 @@ def prepare_shared(out: Path, ecfg: ExperimentConfig, progress: bool = True, dev
         if (shared / "dataset").exists():  # interrupted: episodes of an unfinished collection are not trusted
             logger.info("experiment: removing an unfinished demonstration dataset")
             shutil.rmtree(shared / "dataset")
-        t0 = time.perf_counter()
-        col = collect_demos(list(dcfg.tasks), dcfg.episodes_per_task, shared / "dataset", cameras=cfg.data.cameras,
-                            size=cfg.data.image_height, seed=dcfg.seed, max_steps=dcfg.collect_max_steps,
-                            progress=progress)
-        times["collect"] = round(time.perf_counter() - t0, 2)
+        with stage("collect"):
+            col = collect_demos(list(dcfg.tasks), dcfg.episodes_per_task, shared / "dataset",
+                                cameras=cfg.data.cameras, size=cfg.data.image_height, seed=dcfg.seed,
+                                max_steps=dcfg.collect_max_steps, progress=progress)
         atomic_write_json(collect_json, {k: v for k, v in col.items() if k != "path"})
     summary["demos"] = json.loads(collect_json.read_text())
 
-    t0 = time.perf_counter()
-    windows, stats = make_windows(shared / "dataset", cfg, window_stride=dcfg.window_stride, progress=progress)
-    times.setdefault("windows", round(time.perf_counter() - t0, 2))
+    with stage("windows", keep_first=True):
+        windows, stats = make_windows(shared / "dataset", cfg, window_stride=dcfg.window_stride, progress=progress)
     atomic_write_json(shared / "stats.json", stats)
     summary["windows"] = len(windows)
 
@@ -161,11 +160,9 @@ def prepare_shared(out: Path, ecfg: ExperimentConfig, progress: bool = True, dev
     if not (vae_dir / "vae.json").exists():
         torch.manual_seed(dcfg.seed)
         model = LightWAM(cfg).to(device)
-        t0 = time.perf_counter()
-        with _num_threads(conv_threads):
+        with stage("train_vae"), num_threads(conv_threads):
             metrics = train_vae_stage(model, windows, vae_dir, steps=dcfg.vae_steps, batch_size=dcfg.vae_batch_size,
                                       progress=progress, seed=dcfg.seed)
-        times["train_vae"] = round(time.perf_counter() - t0, 2)
         atomic_write_json(vae_dir / "vae.json", {k: metrics.get(k) for k in ("recon_l1", "recon_mse", "psnr",
                                                                               "steps", "seconds")})
     summary["vae"] = json.loads((vae_dir / "vae.json").read_text())
@@ -173,10 +170,8 @@ def prepare_shared(out: Path, ecfg: ExperimentConfig, progress: bool = True, dev
     model = _model_with_shared_vae(shared, cfg, device, seed=dcfg.seed)
     if not (vae_dir / "reconstructions.png").exists():
         summary["vae_psnr_per_task"] = vae_reconstructions(model.vae, windows, vae_dir / "reconstructions.png")
-    t0 = time.perf_counter()
-    with _num_threads(conv_threads):
+    with stage("cache_latents", keep_first=True), num_threads(conv_threads):
         cache_latents_stage(model, windows, shared / "latents.npy", progress=progress)
-    times.setdefault("cache_latents", round(time.perf_counter() - t0, 2))
     summary["vae_weights"] = str(vae_dir / VAE_WEIGHTS_NAME)
     atomic_write_json(summary_path, summary)
     return summary
@@ -239,48 +234,39 @@ def run_one(out: str | os.PathLike, ecfg_dict: dict[str, Any], condition: str, s
     d = run_dir(out, condition, seed)
     if (d / "result.json").exists():
         return json.loads((d / "result.json").read_text())
-    with _num_threads(ecfg.demo.threads if device == "cpu" else None):
+    with num_threads(ecfg.demo.threads if device == "cpu" else None):
         return _run_one(out, d, ecfg, condition, seed, device, progress)
 
 
 def _run_one(out: Path, d: Path, ecfg: ExperimentConfig, condition: str, seed: int, device: str,
              progress: bool) -> dict[str, Any]:
     from lwam.checkpoint import save_checkpoint
-    from lwam.envs.evaluate import evaluate
-    from lwam.pipeline import cache_latents_stage, make_windows
-    from lwam.train import Trainer
+    from lwam.pipeline import cache_latents_stage, evaluate_stage, make_windows, sim_policy, train_stage
 
     dcfg = ecfg.demo
     shared = out / "shared"
     d.mkdir(parents=True, exist_ok=True)
     started = environment(device)  # at the start: the commit whose code this run imported
     started_utc, t_run = _utc_now(), time.perf_counter()
-    times: dict[str, float] = {}
+    stage = StageTimer(f"experiment {condition} seed {seed}", log=False)
+    times = stage.times
     cfg = run_config(dcfg, condition, seed)
     windows, stats = make_windows(shared / "dataset", cfg, window_stride=dcfg.window_stride, progress=False)
     model = _model_with_shared_vae(shared, cfg, device, seed=seed)
     train_set = cache_latents_stage(model, windows, shared / "latents.npy", progress=False)  # complete: reused
 
-    t0 = time.perf_counter()
-    trainer = Trainer(model, train_set, d / "train", stats=stats, device=device, progress=progress)
-    tr = trainer.train(dcfg.train_steps)
-    times["train"] = round(time.perf_counter() - t0, 2)
+    with stage("train"):
+        trainer, tr = train_stage(model, train_set, d / "train", stats, dcfg.train_steps, device=device,
+                                  progress=progress)
     save_checkpoint(model, d / "checkpoint", stats=stats)
 
-    t0 = time.perf_counter()
-    policy = sim_policy(model, stats, dcfg.tasks[0], device)
-    times["build_policy"] = round(time.perf_counter() - t0, 2)
-    common = dict(executed_steps=dcfg.executed_steps, max_steps=dcfg.max_steps, progress=progress,
-                  cameras=cfg.data.cameras, size=cfg.data.image_height)
-    t0 = time.perf_counter()
-    ev = evaluate(policy, list(dcfg.tasks), dcfg.eval_episodes, **common)
-    times["eval"] = round(time.perf_counter() - t0, 2)
-    ctrl: dict[str, dict[str, Any]] = {}
-    for control in controls(dcfg):
-        t0 = time.perf_counter()
-        ctrl[control] = evaluate(policy, list(dcfg.tasks), ecfg.blind_episodes or dcfg.eval_episodes,
-                                 image_control=control, **common)
-        times[f"eval_{control}"] = round(time.perf_counter() - t0, 2)
+    with stage("build_policy"):
+        policy = sim_policy(model, stats, dcfg.tasks[0], device)
+    evals = evaluate_stage(policy, dcfg.tasks, dcfg.eval_episodes, stage, executed_steps=dcfg.executed_steps,
+                           max_steps=dcfg.max_steps, cameras=cfg.data.cameras, size=cfg.data.image_height,
+                           controls=controls(dcfg), control_episodes=ecfg.blind_episodes, progress=progress)
+    ev = evals.pop("policy")
+    ctrl: dict[str, dict[str, Any]] = evals
 
     def episodes(r):
         return {t: [int(e["success"]) for e in eps] for t, eps in r["episodes"].items()}
@@ -351,7 +337,7 @@ def run_experiment(out_dir: str | os.PathLike, ecfg: ExperimentConfig | None = N
     if (out / STOP_FILE).exists():
         (out / STOP_FILE).unlink()  # a stop request of an earlier call
     t_start, started_utc = time.perf_counter(), _utc_now()
-    with _num_threads(ecfg.demo.threads if device == "cpu" else None):
+    with num_threads(ecfg.demo.threads if device == "cpu" else None):
         prepare_shared(out, ecfg, progress=progress, device=device)
 
     grid = [(c, s) for s in ecfg.seeds for c in ecfg.conditions]

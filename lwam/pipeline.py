@@ -1,19 +1,58 @@
-"""The stages that turn a LeRobot dataset into a trained policy, shared by ``lwam train`` and ``lwam demo``.
+"""THE stage sequence from a LeRobot dataset to an evaluated policy, called by ``lwam train``, ``lwam demo``
+and ``lwam experiment`` (each runs the stages it needs, in this order, timed by one :class:`StageTimer`):
 
-dataset -> windows (normalised) -> [train the VAE when the preset has no released one] -> latent cache
--> Trainer -> checkpoint -> closed-loop policy.
+dataset -> :func:`make_windows` (normalised) -> :func:`train_vae_stage` (presets without a released VAE)
+-> :func:`cache_latents_stage` -> :func:`train_stage` (Trainer) -> checkpoint -> :func:`sim_policy` (the
+warmed-up Policy) -> :func:`evaluate_stage` (closed loop, with the image controls).
 """
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lwam._logging import logger
 from lwam.config import LightWAMConfig
+
+
+class StageTimer:
+    """THE stage timing: ``with timer("train"): ...`` logs the stage's start and end and records its seconds
+    in :attr:`times` (pass a dict to continue one, e.g. a resumed experiment's). ``keep_first=True``: a stage
+    that ran before keeps its first time (a rerun that only reuses a cache is not the stage's cost)."""
+
+    def __init__(self, label: str = "pipeline", times: dict[str, float] | None = None, log: bool = True):
+        self.label, self.log = label, log
+        self.times: dict[str, float] = {} if times is None else times
+
+    @contextmanager
+    def __call__(self, name: str, keep_first: bool = False) -> Iterator[None]:
+        if self.log:
+            logger.info(f"{self.label}: {name} ...")
+        t0 = time.perf_counter()
+        yield
+        seconds = round(time.perf_counter() - t0, 2)
+        if not (keep_first and name in self.times):
+            self.times[name] = seconds
+        if self.log:
+            logger.info(f"{self.label}: {name} done in {seconds:.1f}s")
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (CPU stages; None leaves it)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class VideoClips(Dataset):
@@ -84,3 +123,49 @@ def cache_latents_stage(model, windows, path: Path, batch_size: int = 16, progre
     build_latent_cache(windows, model.encode_video, path, batch_size=batch_size, progress=progress,
                        dtype="float32", depends_on=depends)
     return LatentWindows(CachedWindowDataset(windows, path, depends_on=depends))
+
+
+def train_stage(model, train_set, out_dir: Path, stats: dict | None, steps: int | None = None,
+                device: str | torch.device | None = None, progress: bool = True, impl=None,
+                max_nonfinite_skips: int = 0):
+    """Train ``model`` on the cached windows into ``out_dir`` (resumable; ``device`` and ``impl`` as the
+    Trainer's defaults when None) -> (the Trainer, its result)."""
+    from lwam.train import Trainer
+
+    trainer = Trainer(model, train_set, out_dir, stats=stats, device=device, progress=progress, impl=impl,
+                      max_nonfinite_skips=max_nonfinite_skips)
+    return trainer, trainer.train(steps)
+
+
+def sim_policy(model, stats: dict, task: str, device: str | torch.device = "cpu"):
+    """The model's Policy (:func:`lwam.policy.loading.load_policy`), warmed up (compiled) on a real observation of
+    Meta-World ``task``, so that an evaluation's query latency is the steady-state one."""
+    from lwam.envs.metaworld import MetaWorldTask
+    from lwam.policy.loading import load_policy
+    from lwam.policy.observation import from_sim_observation
+
+    policy = load_policy(model, stats, device=device)
+    cfg = model.cfg.data
+    with MetaWorldTask(task, cameras=cfg.cameras, size=cfg.image_height) as env:
+        policy.predict_action_chunk(from_sim_observation(env.reset(seed=0)))
+    return policy
+
+
+def evaluate_stage(policy, tasks: Sequence[str], episodes: int, timer: StageTimer, *, executed_steps: int,
+                   max_steps: int, cameras: Sequence[str], size: int, controls: Sequence[str] = (),
+                   control_episodes: int | None = None, video_dir: Path | None = None,
+                   progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Closed-loop evaluation (stage ``eval``), then each image control (stage ``eval_<control>``, on
+    ``control_episodes`` per task, default ``episodes``) -> {"policy": result, control: result, ...}
+    (lwam.envs.evaluate results)."""
+    from lwam.envs.evaluate import evaluate
+
+    common = dict(executed_steps=executed_steps, max_steps=max_steps, progress=progress, cameras=cameras, size=size)
+    results: dict[str, dict[str, Any]] = {}
+    with timer("eval"):
+        results["policy"] = evaluate(policy, list(tasks), episodes, video_dir=video_dir, **common)
+    for control in controls:
+        with timer(f"eval_{control}"):
+            results[control] = evaluate(policy, list(tasks), control_episodes or episodes, image_control=control,
+                                        **common)
+    return results
