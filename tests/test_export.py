@@ -133,3 +133,23 @@ def test_serve_exported_answers_a_client(files):
             assert rp.metadata["implementation"]["policy"] == "lwam.policy.exported.ExportedPolicy"
             got = rp.predict_action_chunk(obs)
     assert np.array_equal(got, pol.predict_action_chunk(obs))
+
+
+def test_cli_serve_exported(files):
+    """`lwam serve --exported F` as a process answers a client with the file's actions."""
+    pytest.importorskip("websockets")
+    from test_serve import serve_process
+
+    from lwam.policy.exported import load_exported
+    from lwam.policy.remote import RemotePolicy
+
+    pol = load_exported(files["root"] / "policy.pt2")
+    rng = np.random.default_rng(5)
+    obs = {"observation.images.corner": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+           "observation.images.gripper": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+           "observation.state": np.ones(4, np.float32), "task": TASKS[1]}
+    with serve_process("--exported", files["root"] / "policy.pt2", "--max-batch", "1") as url:
+        with RemotePolicy(url) as rp:
+            got = rp.predict_action_chunk(obs)  # the server process runs its own thread count: summation order
+    want = pol.predict_action_chunk(obs)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
