@@ -281,7 +281,7 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def _pts(x: float) -> str:
-    return f"{100 * x:+.1f}"
+    return f"{100 * x + 0.0:+.1f}"  # + 0.0: no "-0.0"
 
 
 def _ci(ti: dict[str, Any]) -> str:
@@ -294,7 +294,7 @@ def markdown_effects(report: dict[str, Any]) -> str:
     lines = []
     for k, v in report["paired_effects"].items():
         lines.append(f"- **{k}**, mean over tasks: {_pts(v['mean'])} points, {_ci(v['t_interval'])}; per seed: "
-                     + ", ".join(f"{100 * x:+.1f}" for x in v["values"]) + f" (seeds {v['seeds']})")
+                     + ", ".join(_pts(x) for x in v["values"]) + f" (seeds {v['seeds']})")
         for t, e in v["per_task"].items():
             lines.append(f"  - {t.removesuffix('-v3')}: {_pts(e['mean'])}, {_ci(e['t_interval'])}")
         ep = v.get("episodes")
