@@ -34,6 +34,14 @@ def _model(seed: int) -> LightWAM:
     return m
 
 
+def _obs(seed: int, state, **instruction) -> dict:
+    """A robot-facing observation of the tiny preset's two cameras (random frames), ``state`` [4]."""
+    rng = np.random.default_rng(seed)
+    return {"observation.images.corner": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+            "observation.images.gripper": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+            "observation.state": np.asarray(state, np.float32), **instruction}
+
+
 def _run(argv):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -77,10 +85,7 @@ def test_exported_policy_keeps_the_contract(files):
     assert isinstance(pol, RobotPolicy) and pol.instructions == sorted(TASKS)
     assert pol.executed_steps == 8 and pol.chunk_size == 32
     ref = EagerPolicy(files["model"], STATS, "cpu")
-    rng = np.random.default_rng(3)
-    obs = {"observation.images.corner": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-           "observation.images.gripper": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-           "observation.state": np.array([0.1, -0.5, 1.0, 2.0], np.float32), "task": TASKS[1]}
+    obs = _obs(3, [0.1, -0.5, 1.0, 2.0], task=TASKS[1])
     a, b = pol.predict_action_chunk(obs), ref.predict_action_chunk(obs)
     assert a.shape == (32, 4) and np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
     pol.reset()
@@ -124,10 +129,7 @@ def test_serve_exported_answers_a_client(files):
     from lwam.serving.server import PolicyServer
 
     pol = load_exported(files["root"] / "policy.pt2")
-    rng = np.random.default_rng(4)
-    obs = {"observation.images.corner": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-           "observation.images.gripper": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-           "observation.state": np.zeros(4, np.float32), "prompt": TASKS[0]}
+    obs = _obs(4, np.zeros(4), prompt=TASKS[0])
     with running(PolicyServer(pol, port=0, max_batch=2)) as url:
         with RemotePolicy(url) as rp:
             assert rp.metadata["implementation"]["policy"] == "lwam.policy.exported.ExportedPolicy"
@@ -144,10 +146,7 @@ def test_cli_serve_exported(files):
     from lwam.policy.remote import RemotePolicy
 
     pol = load_exported(files["root"] / "policy.pt2")
-    rng = np.random.default_rng(5)
-    obs = {"observation.images.corner": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-           "observation.images.gripper": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
-           "observation.state": np.ones(4, np.float32), "task": TASKS[1]}
+    obs = _obs(5, np.ones(4), task=TASKS[1])
     with serve_process("--exported", files["root"] / "policy.pt2", "--max-batch", "1") as url:
         with RemotePolicy(url) as rp:
             got = rp.predict_action_chunk(obs)  # the server process runs its own thread count: summation order
